@@ -1,0 +1,229 @@
+"""The asyncio client: :class:`AsyncClient`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Literal
+
+import grpc
+import grpc.aio
+
+from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
+from pushchannel.client._subscriber import Subscriber, Subscription
+from pushchannel.client._types import OutgoingMessage, PublishResult, RetryPolicy, as_payload, new_message_id
+from pushchannel.client._wire import BrokerMethods, SubscribeCall, call_metadata, open_channel, translated
+
+MAX_BATCH = 1000  # messages per Publish call (SPEC §8)
+# Bytes per Publish call: below gRPC's default 4 MiB receive limit, whatever the broker's is.
+_MAX_BATCH_BYTES = 3 << 20
+
+Start = Literal["new", "earliest"] | int | datetime | None
+Payload = bytes | str
+
+
+class AsyncClient:
+    """A connection to a pushchannel broker, for asyncio.
+
+    ``target`` is ``host:port``. ``token`` is sent as ``authorization: Bearer <token>`` on
+    every call. ``tls`` is ``None`` (plaintext), ``True`` (TLS with the system's roots) or a
+    :func:`grpc.ssl_channel_credentials` object. ``retry`` is accepted for the reconnecting
+    client to come; this version does not retry.
+
+    Use it as ``async with AsyncClient(...) as client:`` or call :meth:`close`. The gRPC
+    channel is made on first use, inside the running event loop.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        tls: grpc.ChannelCredentials | bool | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self.retry = retry or RetryPolicy()
+        self._tls = tls
+        self._metadata = call_metadata(token)
+        self._channel: grpc.aio.Channel | None = None
+        self._methods: BrokerMethods | None = None
+        self._subscribers: set[Subscriber] = set()
+        self._closed = False
+
+    def _broker(self) -> BrokerMethods:
+        if self._closed:
+            raise RuntimeError("this pushchannel client is closed")
+        if self._methods is None:
+            self._channel = open_channel(self.target, self._tls)
+            self._methods = BrokerMethods(self._channel)
+        return self._methods
+
+    async def __aenter__(self) -> AsyncClient:
+        self._broker()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End every subscription of this client and close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        subscribers, self._subscribers = self._subscribers, set()
+        await asyncio.gather(*(s.close() for s in subscribers))
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes | str,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        id: str | None = None,
+        ttl: float | None = None,
+    ) -> PublishResult:
+        """Store one message on ``channel`` and return where it went.
+
+        ``payload`` ``str`` is sent as UTF-8. Without ``id`` the client makes one up (a uuid4),
+        so a retry of this very call can never store the message twice. ``ttl`` (seconds): a
+        message not delivered within it is dropped.
+        """
+        message = _encode(OutgoingMessage(payload, id=id, attributes=attributes or {}, ttl=ttl))
+        (result,) = await self._publish(channel, [message])
+        return result
+
+    async def publish_many(
+        self, channel: str, messages: Iterable[bytes | str | OutgoingMessage]
+    ) -> list[PublishResult]:
+        """Store many messages on ``channel``, in order; one result per message.
+
+        ``messages`` are payloads or :class:`OutgoingMessage`. They go in Publish calls of at
+        most 1000 messages (and about 3 MiB); each call is atomic, calls are made one after
+        the other, so an error leaves the earlier batches stored and the later ones not.
+        """
+        results: list[PublishResult] = []
+        for batch in _batches(_encode(m) for m in messages):
+            results.extend(await self._publish(channel, batch))
+        return results
+
+    async def _publish(self, channel: str, messages: list[pb.Message]) -> list[PublishResult]:
+        request = pb.PublishRequest(channel=channel, messages=messages)
+        with translated():
+            response = await self._broker().publish(request, metadata=self._metadata)
+        return [PublishResult(r.seq, r.duplicate) for r in response.results]
+
+    def subscribe(
+        self,
+        channel: str,
+        *,
+        group: str = "default",
+        broadcast: bool = False,
+        start: Start = None,
+        max_in_flight: int = 100,
+        ack_deadline: float = 30.0,
+        auto_ack: bool = False,
+    ) -> Subscription:
+        """Subscribe to ``channel``: an async iterator of :class:`Message`.
+
+        ``group``: consumers of one group share its messages, each message going to one of
+        them. ``broadcast``: this subscriber gets every message, in an anonymous group of its
+        own that lives as long as the stream (``group`` is then ignored). ``start`` is where a
+        group that does not exist yet begins: ``"new"``, ``"earliest"``, a ``seq`` or a
+        :class:`~datetime.datetime`; ``None`` is the group's own default (the ``default``
+        group keeps everything published before any consumer came, other groups and
+        broadcast start at new messages). At most ``max_in_flight`` deliveries are unacked
+        at once; one not acked within ``ack_deadline`` seconds is delivered again.
+        ``auto_ack``: every delivery counts as acked once sent (at-most-once).
+
+        The stream opens when iteration starts (or on ``await subscription.open()``).
+        """
+        open_request = _open_request(
+            channel, group, broadcast, start, max_in_flight, ack_deadline, auto_ack
+        )
+        return Subscription(self._subscriber(open_request))
+
+    def _subscriber(self, open_request: pb.Open) -> Subscriber:
+        """A Subscriber tied to this client (closed with it); shared with the blocking Client."""
+        broker = self._broker()
+
+        def start_call() -> SubscribeCall:
+            return broker.subscribe(metadata=self._metadata)
+
+        # Forgotten once closed, so a long-lived client that subscribes many times does not
+        # keep every old stream alive.
+        subscriber = Subscriber(start_call, open_request, on_close=self._subscribers.discard)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+
+def _open_request(
+    channel: str,
+    group: str,
+    broadcast: bool,
+    start: Start,
+    max_in_flight: int,
+    ack_deadline: float,
+    auto_ack: bool,
+) -> pb.Open:
+    if not 1 <= max_in_flight <= 10_000:
+        raise ValueError("max_in_flight must be within 1..10000")
+    if not 0 < ack_deadline <= 3600 * 12:
+        raise ValueError("ack_deadline must be within (0, 43200] seconds")
+    request = pb.Open(
+        channel=channel,
+        group="" if broadcast else group,
+        mode=pb.Open.BROADCAST if broadcast else pb.Open.QUEUE,
+        max_in_flight=max_in_flight,
+        ack_deadline_ms=max(1, round(ack_deadline * 1000)),
+        auto_ack=auto_ack,
+    )
+    if start is None:
+        pass  # leave the oneof unset: the broker applies the group's default
+    elif start == "new":
+        request.position = pb.Open.NEW
+    elif start == "earliest":
+        request.position = pb.Open.EARLIEST
+    elif isinstance(start, datetime):
+        request.start_time_ms = int(start.timestamp() * 1000)
+    elif isinstance(start, int) and not isinstance(start, bool) and start >= 1:
+        request.start_seq = start
+    else:
+        raise ValueError(f"start must be 'new', 'earliest', a seq >= 1 or a datetime, not {start!r}")
+    return request
+
+
+def _encode(message: bytes | str | OutgoingMessage) -> pb.Message:
+    if not isinstance(message, OutgoingMessage):
+        return pb.Message(id=new_message_id(), payload=as_payload(message))
+    ttl_ms = 0
+    if message.ttl is not None:
+        if message.ttl <= 0:
+            raise ValueError("ttl must be positive")
+        ttl_ms = max(1, round(message.ttl * 1000))
+    return pb.Message(
+        id=message.id or new_message_id(),
+        payload=as_payload(message.payload),
+        attributes=message.attributes,
+        ttl_ms=ttl_ms,
+    )
+
+
+def _batches(messages: Iterable[pb.Message]) -> Iterator[list[pb.Message]]:
+    batch: list[pb.Message] = []
+    size = 0
+    for message in messages:
+        n = message.ByteSize()
+        if batch and (len(batch) >= MAX_BATCH or size + n > _MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(message)
+        size += n
+    if batch:
+        yield batch

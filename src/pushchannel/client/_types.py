@@ -1,0 +1,172 @@
+"""The SDK's value types: what a caller publishes, what it gets back, what it receives.
+
+Nothing here does I/O or imports gRPC; acks go through an :class:`AckSink` that the
+subscription provides.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple, Protocol
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class PublishResult(NamedTuple):
+    """Where a published message was stored: its ``seq`` in the channel, and whether the broker
+    had already stored a message with the same id (then ``seq`` is the first one's)."""
+
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message to publish with more than a payload.
+
+    ``payload`` may be ``str`` (sent as UTF-8). ``id`` is the idempotency key; when it is
+    ``None`` the client generates one, so a retried publish is never stored twice. ``ttl`` is
+    in seconds: a message not delivered within it is dropped, never delivered late.
+    """
+
+    payload: bytes | str
+    id: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the client will retry and reconnect: exponential backoff with full jitter from
+    ``initial_backoff`` doubling to ``max_backoff``, forever unless ``deadline`` (seconds) is
+    set. Accepted now; the first cut of the SDK does not reconnect yet."""
+
+    initial_backoff: float = 0.1
+    max_backoff: float = 30.0
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff <= self.max_backoff:
+            raise ValueError("RetryPolicy needs 0 < initial_backoff <= max_backoff")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError("RetryPolicy.deadline must be positive")
+
+
+class AckSink(Protocol):
+    """Where a :class:`Message` sends its settlement; callable from any thread."""
+
+    def ack(self, tag: int) -> None: ...
+
+    def nack(self, tag: int, delay: float, reason: str) -> None: ...
+
+
+class Settled:
+    """What :meth:`Message.ack` and :meth:`Message.nack` return: the settlement is already
+    queued when the call returns, and awaiting this object is a no-op. That lets one Message
+    class serve both faces: ``await msg.ack()`` with :class:`AsyncClient`, ``msg.ack()`` with
+    the blocking :class:`Client`."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # makes this a generator; never reached
+
+    def __repr__(self) -> str:
+        return "<Settled>"
+
+
+_SETTLED = Settled()
+
+
+class Message:
+    """One delivery of a message to this subscriber.
+
+    ``publish_time`` is a timezone-aware UTC :class:`~datetime.datetime`. ``attempt`` is 1 on
+    the first delivery. Call :meth:`ack` when done with it or :meth:`nack` to have it delivered
+    again; settling a message whose subscription has closed is harmless (the broker delivers
+    it again anyway), and settling it twice does nothing the second time.
+    """
+
+    __slots__ = (
+        "_settled",
+        "_sink",
+        "attempt",
+        "attributes",
+        "channel",
+        "delivery_tag",
+        "id",
+        "payload",
+        "publish_time",
+        "seq",
+    )
+
+    def __init__(
+        self,
+        *,
+        channel: str,
+        seq: int,
+        id: str,
+        payload: bytes,
+        attributes: dict[str, str],
+        publish_time: datetime,
+        attempt: int,
+        delivery_tag: int,
+        sink: AckSink | None = None,
+    ) -> None:
+        self.channel = channel
+        self.seq = seq
+        self.id = id
+        self.payload = payload
+        self.attributes = attributes
+        self.publish_time = publish_time
+        self.attempt = attempt
+        self.delivery_tag = delivery_tag
+        self._sink = sink
+        self._settled = sink is None
+
+    def ack(self) -> Settled:
+        """Acknowledge the message: it will not be delivered again (to this group)."""
+        if not self._settled:
+            self._settled = True
+            assert self._sink is not None
+            self._sink.ack(self.delivery_tag)
+        return _SETTLED
+
+    def nack(self, delay: float = 0.0, reason: str = "") -> Settled:
+        """Give the message back: it is delivered again (attempt + 1) after ``delay`` seconds.
+        ``reason`` is kept with it and shows in the dead-letter channel."""
+        if delay < 0:
+            raise ValueError("nack delay must not be negative")
+        if not self._settled:
+            self._settled = True
+            assert self._sink is not None
+            self._sink.nack(self.delivery_tag, delay, reason)
+        return _SETTLED
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(channel={self.channel!r}, seq={self.seq}, id={self.id!r}, "
+            f"payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''}, "
+            f"attempt={self.attempt})"
+        )
+
+
+def publish_time_from_us(us: int) -> datetime:
+    """Unix microseconds to an exact UTC datetime (float seconds would round)."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def as_payload(payload: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    raise TypeError(f"a payload is bytes or str, not {type(payload).__name__}")

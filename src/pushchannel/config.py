@@ -1,0 +1,59 @@
+"""Frozen, validated configuration objects, built once and passed down. Nothing here reads files
+or the environment at import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pushchannel.core.model import ChannelPolicy, PolicyRule
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits for bad input (SPEC §8)."""
+
+    max_channel_bytes: int = 255
+    max_payload: int = 1 << 20
+    max_attributes: int = 64
+    max_attribute_key: int = 256
+    max_attribute_value: int = 4096
+    max_batch: int = 1000
+    max_id_bytes: int = 256
+    max_in_flight: int = 10_000
+    max_ack_deadline: float = 3600.0 * 12
+    max_ttl: float = 3600.0 * 24 * 365
+
+    def __post_init__(self) -> None:
+        for name in ("max_channel_bytes", "max_payload", "max_batch", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything the broker core needs; the server builds it from flags and file."""
+
+    limits: Limits = field(default_factory=Limits)
+    default_policy: ChannelPolicy = field(default_factory=ChannelPolicy)
+    policies: tuple[PolicyRule, ...] = ()  # first match wins
+    max_delivery_attempts: int = 10
+    default_ack_deadline: float = 30.0
+    default_max_in_flight: int = 100
+    heartbeat_interval: float = 15.0
+    seed_max_in_flight: int = 100
+    retention_interval: float = 1.0  # how often channels with activity are trimmed
+    max_dispatch_batch: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_delivery_attempts < 1:
+            raise ValueError("max_delivery_attempts must be at least 1")
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        if not 0 < self.default_ack_deadline <= self.limits.max_ack_deadline:
+            raise ValueError("default_ack_deadline is out of range")
+
+    def policy_for(self, channel: str) -> ChannelPolicy:
+        for rule in self.policies:
+            if rule.matches(channel):
+                return rule.policy
+        return self.default_policy

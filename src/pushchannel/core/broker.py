@@ -1,0 +1,333 @@
+"""The broker core: channels, groups, dispatch and retention over one Store. No gRPC here:
+the servicers in ``pushchannel.server`` are thin adapters over :class:`Broker`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pushchannel.config import BrokerConfig
+from pushchannel.core import validation
+from pushchannel.core.dispatch import BroadcastFeeder, GroupDispatcher
+from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
+from pushchannel.core.subscription import SubscribeParams, Subscription
+from pushchannel.errors import NotFound, PushChannelError, Unavailable
+from pushchannel.store.base import Store
+
+log = logging.getLogger("pushchannel.broker")
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    """Counters since start; the metrics layer reads them."""
+
+    published: int = 0
+    duplicates: int = 0
+    delivered: int = 0
+    acked: int = 0
+    nacked: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    unknown_acks: int = 0
+    expired_by_channel: dict[str, int] = field(default_factory=dict)
+
+
+class ChannelHub:
+    """The local subscriptions of one channel: its group dispatchers and broadcast feeders."""
+
+    def __init__(self, broker: Broker, channel: str, last_seq: int) -> None:
+        self.broker = broker
+        self.channel = channel
+        self.last_seq = last_seq
+        self.dispatchers: dict[str, GroupDispatcher] = {}
+        self.feeders: dict[str, BroadcastFeeder] = {}
+        self.watcher: asyncio.Task[None] | None = None
+
+    def notify(self, last_seq: int) -> None:
+        if last_seq <= self.last_seq:
+            return
+        self.last_seq = last_seq
+        for d in self.dispatchers.values():
+            d.kick()
+        for f in self.feeders.values():
+            f.kick()
+
+    def empty(self) -> bool:
+        return not self.dispatchers and not self.feeders
+
+    def broadcast_floor(self) -> int | None:
+        """The lowest seq a live broadcast cursor still needs."""
+        return min((f.cursor + 1 for f in self.feeders.values()), default=None)
+
+    def subscriptions(self) -> list[Subscription]:
+        subs = [s for d in self.dispatchers.values() for s in d.subs]
+        return subs + [f.sub for f in self.feeders.values()]
+
+    async def watch(self) -> None:
+        """Shared stores: follow appends made by other broker nodes."""
+        store = self.broker.store
+        while True:
+            try:
+                self.notify(await store.wait(self.channel, self.last_seq, 30.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.broker.log_error("watch", self.channel, exc)
+                await asyncio.sleep(1.0)
+
+
+class Broker:
+    """Publish, subscribe, ack: the semantics of SPEC §3 over a Store."""
+
+    def __init__(self, store: Store, config: BrokerConfig | None = None) -> None:
+        self.store = store
+        self.config = config or BrokerConfig()
+        self.stats = BrokerStats()
+        self.node_id = os.urandom(3).hex()
+        self._ids = itertools.count(1)
+        self._hubs: dict[str, ChannelHub] = {}
+        self._touched: set[str] = set()
+        self._retention_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.start()
+        self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
+
+    async def close(self, reason: PushChannelError | None = None) -> None:
+        """Stop every subscription (their streams end with ``reason``) and the store."""
+        self._closing = True
+        err = reason or Unavailable("the broker is shutting down: reconnect")
+        for hub in list(self._hubs.values()):
+            for sub in hub.subscriptions():
+                sub.close(err)
+        for hub in list(self._hubs.values()):
+            for sub in hub.subscriptions():
+                await self.close_subscription(sub)
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention_task
+        await self.store.close()
+
+    def log_error(self, where: str, channel: str, exc: BaseException) -> None:
+        log.error("error in %s on channel %s: %s", where, channel, exc, exc_info=exc)
+
+    # -- publishing ------------------------------------------------------------------------------
+    async def publish(self, channel: str, messages: Sequence[NewMessage]) -> list[AppendResult]:
+        cfg = self.config
+        validation.check_channel(channel, cfg.limits)
+        validation.check_messages(messages, cfg.limits)
+        if self._closing:
+            raise Unavailable("the broker is shutting down: publish to another node or retry")
+        results = await self.store.append(channel, messages, time.time(), cfg.policy_for(channel))
+        dups = sum(1 for r in results if r.duplicate)
+        self.stats.published += len(results) - dups
+        self.stats.duplicates += dups
+        if dups < len(results):
+            self._touched.add(channel)
+            self.notify_appended(channel, max(r.seq for r in results))
+        return results
+
+    def notify_appended(self, channel: str, last_seq: int) -> None:
+        hub = self._hubs.get(channel)
+        if hub is not None:
+            hub.notify(last_seq)
+
+    # -- subscribing -----------------------------------------------------------------------------
+    async def subscribe(self, params: SubscribeParams, peer: str = "") -> Subscription:
+        cfg = self.config
+        validation.check_channel(params.channel, cfg.limits)
+        validation.check_group(params.group, cfg.limits)
+        validation.check_in_flight(params.max_in_flight, cfg.limits)
+        validation.check_ack_deadline(params.ack_deadline, cfg.limits)
+        if self._closing:
+            raise Unavailable("the broker is shutting down: reconnect to another node")
+        store, channel, now = self.store, params.channel, time.time()
+        await store.ensure_channel(channel, cfg.policy_for(channel), now)
+        sub_id = f"{self.node_id}-{next(self._ids)}"
+        group = params.group or DEFAULT_GROUP
+        if params.broadcast:
+            group = f"broadcast-{sub_id}"
+        sub = Subscription(sub_id, params, group, peer, now)
+        hub = self._hubs.get(channel)
+        if hub is None:
+            hub = self._hubs[channel] = ChannelHub(self, channel, await store.last_seq(channel))
+            if store.shared:
+                hub.watcher = asyncio.get_running_loop().create_task(hub.watch())
+        if params.broadcast:
+            cursor = await BroadcastFeeder.start_cursor(self, channel, params.start)
+            feeder = hub.feeders[sub_id] = BroadcastFeeder(self, hub, sub, cursor)
+            feeder.kick()
+        else:
+            await store.ensure_group(channel, group, params.start, now)
+            dispatcher = hub.dispatchers.get(group)
+            if dispatcher is None:
+                dispatcher = hub.dispatchers[group] = GroupDispatcher(self, hub, group)
+            dispatcher.subs.append(sub)
+            dispatcher.kick()
+        hub.last_seq = max(hub.last_seq, await store.last_seq(channel))
+        log.info(
+            "subscription opened: id=%s peer=%s channel=%s group=%s mode=%s",
+            sub_id,
+            peer,
+            channel,
+            group,
+            "broadcast" if params.broadcast else "queue",
+        )
+        return sub
+
+    async def close_subscription(self, sub: Subscription) -> None:
+        """The stream ended: what it had not acked becomes redeliverable now."""
+        sub.close()
+        hub = self._hubs.get(sub.channel)
+        if hub is None:
+            return
+        seqs = sub.drain()
+        if sub.broadcast:
+            feeder = hub.feeders.pop(sub.id, None)
+            if feeder is not None:
+                await feeder.stop()
+        else:
+            dispatcher = hub.dispatchers.get(sub.group)
+            if dispatcher is not None and sub in dispatcher.subs:
+                dispatcher.subs.remove(sub)
+                if seqs:
+                    now = time.time()
+                    try:
+                        await self.store.nack(sub.channel, sub.group, seqs, now, "consumer disconnected")
+                    except Exception as exc:  # the deadline will bring them back instead
+                        self.log_error("release", sub.channel, exc)
+                    dispatcher.note_deadline(now)
+                if dispatcher.subs:
+                    dispatcher.kick()
+                else:
+                    del hub.dispatchers[sub.group]
+                    await dispatcher.stop()
+        if hub.empty() and self._hubs.get(sub.channel) is hub:
+            del self._hubs[sub.channel]
+            if hub.watcher is not None:
+                hub.watcher.cancel()
+        log.info("subscription closed: id=%s peer=%s channel=%s", sub.id, sub.peer, sub.channel)
+
+    async def ack(self, sub: Subscription, tags: list[int]) -> int:
+        seqs, unknown = sub.settle(tags)
+        self.stats.unknown_acks += unknown
+        n = 0
+        if seqs and not sub.broadcast:
+            n = await self.store.ack(sub.channel, sub.group, seqs)
+            self._touched.add(sub.channel)
+        self.stats.acked += len(seqs)
+        self._kick(sub)
+        return n
+
+    async def nack(self, sub: Subscription, tags: list[int], delay: float, reason: str) -> int:
+        seqs, unknown = sub.settle(tags)
+        self.stats.unknown_acks += unknown
+        self.stats.nacked += len(seqs)
+        if not seqs or sub.broadcast:
+            self._kick(sub)
+            return 0
+        visible_at = time.time() + max(0.0, delay)
+        n = await self.store.nack(sub.channel, sub.group, seqs, visible_at, f"nack: {reason}" if reason else "nack")
+        hub = self._hubs.get(sub.channel)
+        dispatcher = hub.dispatchers.get(sub.group) if hub is not None else None
+        if dispatcher is not None:
+            dispatcher.note_deadline(visible_at)
+        self._kick(sub)
+        return n
+
+    async def modify_deadline(self, sub: Subscription, tags: list[int], seconds: float) -> int:
+        validation.check_ack_deadline(seconds, self.config.limits)
+        deadline = time.time() + seconds
+        seqs = sub.extend(tags, deadline)
+        if not seqs or sub.broadcast:
+            return 0
+        return await self.store.extend(sub.channel, sub.group, seqs, deadline)
+
+    async def written(self, sub: Subscription, msgs: Sequence[Stored]) -> None:
+        """The servicer wrote these to the stream: acked now when the subscription auto-acks."""
+        if sub.auto_ack and msgs:
+            await self.ack(sub, [m.seq for m in msgs])
+
+    def _kick(self, sub: Subscription) -> None:
+        hub = self._hubs.get(sub.channel)
+        if hub is None:
+            return
+        pump = hub.feeders.get(sub.id) if sub.broadcast else hub.dispatchers.get(sub.group)
+        if pump is not None:
+            pump.kick()
+
+    def count_expired(self, channel: str, n: int) -> None:
+        self.stats.expired += n
+        by = self.stats.expired_by_channel
+        by[channel] = by.get(channel, 0) + n
+
+    # -- admin -----------------------------------------------------------------------------------
+    async def channel_stats(self, channel: str) -> tuple[ChannelStats, list[Subscription]]:
+        validation.check_channel(channel, self.config.limits)
+        stats = await self.store.stats(channel)
+        if stats is None:
+            raise NotFound(f"channel '{channel}' does not exist")
+        stats.expired = self.stats.expired_by_channel.get(channel, 0)
+        hub = self._hubs.get(channel)
+        return stats, hub.subscriptions() if hub is not None else []
+
+    async def list_channels(self, prefix: str = "") -> list[str]:
+        return [c for c in await self.store.channels() if c.startswith(prefix)]
+
+    async def purge(self, channel: str) -> int:
+        validation.check_channel(channel, self.config.limits)
+        n = await self.store.purge(channel)
+        hub = self._hubs.get(channel)
+        if hub is not None:
+            for d in hub.dispatchers.values():
+                d.note_deadline(0.0)
+        return n
+
+    async def delete_channel(self, channel: str) -> bool:
+        validation.check_channel(channel, self.config.limits)
+        hub = self._hubs.get(channel)
+        if hub is not None:
+            for sub in hub.subscriptions():
+                sub.close(NotFound(f"channel '{channel}' was deleted"))
+        return await self.store.delete(channel)
+
+    async def delete_group(self, channel: str, group: str) -> bool:
+        validation.check_channel(channel, self.config.limits)
+        hub = self._hubs.get(channel)
+        if hub is not None and group in hub.dispatchers:
+            for sub in hub.dispatchers[group].subs:
+                sub.close(NotFound(f"group '{group}' of channel '{channel}' was deleted"))
+        return await self.store.delete_group(channel, group)
+
+    # -- retention -------------------------------------------------------------------------------
+    async def trim(self, channel: str) -> None:
+        hub = self._hubs.get(channel)
+        keep_from = hub.broadcast_floor() if hub is not None else None
+        await self.store.trim(channel, self.config.policy_for(channel), time.time(), keep_from)
+
+    async def _retention_loop(self) -> None:
+        interval = self.config.retention_interval
+        full_sweep_every = max(1, int(60 / interval))
+        for tick in itertools.count(1):
+            await asyncio.sleep(interval)
+            if tick % full_sweep_every == 0:  # age limits apply to quiet channels too
+                try:
+                    self._touched.update(await self.store.channels())
+                except Exception as exc:
+                    self.log_error("retention", "*", exc)
+            touched, self._touched = self._touched, set()
+            for channel in touched:
+                try:
+                    await self.trim(channel)
+                except Exception as exc:
+                    self.log_error("retention", channel, exc)

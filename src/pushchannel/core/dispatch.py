@@ -1,0 +1,243 @@
+"""Dispatch: moving stored messages to subscriptions with credit.
+
+A :class:`Pump` runs a task only while it has work: it is kicked by a publish, an ack, a nack
+or a timer at the next deadline, pumps until nothing moves, then ends. An idle channel costs
+no task and no wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING
+
+from pushchannel.core.model import DEAD_LETTER_SUFFIX, StartSpec, Stored
+from pushchannel.core.subscription import Subscription
+
+if TYPE_CHECKING:
+    from pushchannel.core.broker import Broker, ChannelHub
+
+_log_name = "pushchannel.dispatch"
+
+
+class Pump:
+    """Runs ``pump_once`` in a task while it makes progress or is kicked again."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._dirty = False
+        self._stopped = False
+
+    def kick(self) -> None:
+        if self._stopped:
+            return
+        if self._task is None:
+            self._dirty = False
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        else:
+            self._dirty = True
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._dirty = False
+                if await self.pump_once() or self._dirty:
+                    continue
+                wake_at = await self.next_wake()
+                if self._dirty:
+                    continue
+                self._arm(wake_at)
+                break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a store fault: retry later rather than die silently
+            self.on_error(exc)
+            self._arm(time.time() + 1.0)
+        finally:
+            self._task = None
+
+    def _arm(self, wake_at: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if wake_at is not None and math.isfinite(wake_at) and not self._stopped:
+            delay = max(0.0, wake_at - time.time())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def pump_once(self) -> bool:
+        raise NotImplementedError
+
+    async def next_wake(self) -> float | None:
+        return None
+
+    def on_error(self, exc: Exception) -> None:
+        pass
+
+
+class GroupDispatcher(Pump):
+    """One per (channel, durable group) with local subscriptions: claims what is due first,
+    then reads new messages, for each subscription with credit in turn (round robin)."""
+
+    def __init__(self, broker: Broker, hub: ChannelHub, group: str) -> None:
+        super().__init__()
+        self.broker = broker
+        self.hub = hub
+        self.channel = hub.channel
+        self.group = group
+        self.subs: list[Subscription] = []
+        self._rr = 0
+        self._exhausted_at = -1  # hub.last_seq when read_new last came back short
+        self._next_due = 0.0  # earliest known deadline; 0: look in the store
+
+    def note_deadline(self, deadline: float) -> None:
+        if deadline < self._next_due:
+            self._next_due = deadline
+
+    def on_error(self, exc: Exception) -> None:
+        self.broker.log_error("dispatch", self.channel, exc)
+
+    async def pump_once(self) -> bool:
+        subs = [s for s in self.subs if not s.closed]
+        if not subs:
+            return False
+        broker, store, cfg = self.broker, self.broker.store, self.broker.config
+        channel, group = self.channel, self.group
+        n = len(subs)
+        start = self._rr % n
+        self._rr = start + 1
+        progressed = False
+        for i in range(n):
+            sub = subs[(start + i) % n]
+            now = time.time()
+            credit = min(sub.credit(now), cfg.max_dispatch_batch)
+            if credit <= 0 or sub.closed:
+                continue
+            deadline = now + sub.ack_deadline
+            batch: list[Stored] = []
+            if self._next_due <= now:
+                claimed = await store.claim_expired(channel, group, sub.id, credit, now, deadline)
+                if len(claimed) < credit:
+                    self._next_due = math.inf  # recomputed by next_wake
+                if claimed:
+                    batch = await self._screen(claimed, now, redelivery=True)
+            room = credit - len(batch)
+            if room > 0 and self.hub.last_seq > self._exhausted_at:
+                marker = self.hub.last_seq
+                fresh = await store.read_new(channel, group, sub.id, room, deadline)
+                if len(fresh) < room:
+                    self._exhausted_at = marker
+                if fresh:
+                    batch += await self._screen(fresh, now, redelivery=False)
+            if batch:
+                progressed = True
+                if sub.closed:  # it went away while we awaited the store
+                    await store.nack(channel, group, [m.seq for m in batch], now, "consumer disconnected")
+                    self._next_due = min(self._next_due, now)
+                    continue
+                sub.push(batch, deadline)
+                broker.stats.delivered += len(batch)
+        return progressed
+
+    async def _screen(self, msgs: list[Stored], now: float, *, redelivery: bool) -> list[Stored]:
+        """Drop what expired (ttl) and dead-letter what ran out of attempts."""
+        broker = self.broker
+        expired = [m.seq for m in msgs if m.expired(now)]
+        dead: list[Stored] = []
+        if redelivery:
+            limit = broker.config.max_delivery_attempts
+            dead = [m for m in msgs if m.attempt > limit and not m.expired(now)]
+            broker.stats.redelivered += len(msgs)
+        if not expired and not dead:
+            return msgs
+        store = broker.store
+        if expired:
+            await store.ack(self.channel, self.group, expired)
+            broker.count_expired(self.channel, len(expired))
+        if dead:
+            if self.channel.endswith(DEAD_LETTER_SUFFIX):
+                dead = []  # a dead-letter channel's messages are redelivered, never lost
+            else:
+                dl = self.channel + DEAD_LETTER_SUFFIX
+                await store.dead_letter(self.channel, self.group, dead, now, broker.config.policy_for(dl))
+                broker.stats.dead_lettered += len(dead)
+                broker.notify_appended(dl, await store.last_seq(dl))
+        gone = set(expired) | {m.seq for m in dead}
+        return [m for m in msgs if m.seq not in gone]
+
+    async def next_wake(self) -> float | None:
+        if math.isinf(self._next_due):
+            nd = await self.broker.store.next_deadline(self.channel, self.group)
+            if self._next_due == math.inf:  # nothing noted meanwhile
+                self._next_due = nd if nd is not None else math.inf
+        wake = self._next_due
+        sweep = self.broker.store.sweep_interval
+        if sweep is not None and self.subs:
+            wake = min(wake, time.time() + sweep)
+            self._next_due = min(self._next_due, time.time() + sweep)
+        return wake if math.isfinite(wake) else None
+
+
+class BroadcastFeeder(Pump):
+    """A broadcast subscription's own cursor over the log; acks only free credit."""
+
+    def __init__(self, broker: Broker, hub: ChannelHub, sub: Subscription, cursor: int) -> None:
+        super().__init__()
+        self.broker = broker
+        self.hub = hub
+        self.sub = sub
+        self.cursor = cursor
+
+    @staticmethod
+    async def start_cursor(broker: Broker, channel: str, start: StartSpec) -> int:
+        store = broker.store
+        if start.kind in ("default", "new"):
+            return await store.last_seq(channel)
+        if start.kind == "earliest":
+            return 0
+        if start.kind == "seq":
+            return max(0, int(start.value) - 1)
+        cursor = 0
+        while True:  # by time: walk the log in pages
+            page = await store.read_range(channel, cursor, 1000)
+            if not page:
+                return cursor
+            for m in page:
+                if m.publish_time >= start.value:
+                    return m.seq - 1
+            cursor = page[-1].seq
+
+    def on_error(self, exc: Exception) -> None:
+        self.broker.log_error("broadcast", self.hub.channel, exc)
+
+    async def pump_once(self) -> bool:
+        sub = self.sub
+        now = time.time()
+        credit = min(sub.credit(now), self.broker.config.max_dispatch_batch)
+        if credit <= 0 or sub.closed or self.hub.last_seq <= self.cursor:
+            return False
+        msgs = await self.broker.store.read_range(self.hub.channel, self.cursor, credit)
+        if not msgs:
+            self.cursor = max(self.cursor, self.hub.last_seq)
+            return False
+        self.cursor = msgs[-1].seq
+        live = [m for m in msgs if not m.expired(now)]
+        if len(live) < len(msgs):
+            self.broker.count_expired(self.hub.channel, len(msgs) - len(live))
+        if live and not sub.closed:
+            sub.push(live, math.inf)
+            self.broker.stats.delivered += len(live)
+        return True

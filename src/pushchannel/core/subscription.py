@@ -1,0 +1,149 @@
+"""A Subscription: one consumer's credit, its in-flight deliveries and its outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from pushchannel.core.model import StartSpec, Stored
+from pushchannel.errors import PushChannelError
+
+_LAPSED_CAP_FACTOR = 10
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeParams:
+    channel: str
+    group: str = "default"
+    broadcast: bool = False
+    start: StartSpec = StartSpec()
+    max_in_flight: int = 100
+    ack_deadline: float = 30.0
+    auto_ack: bool = False
+
+
+class Subscription:
+    """Credit is ``max_in_flight`` minus the deliveries whose lease has not run out; the
+    outbox holds batches the servicer has not written yet. Delivery tags are seqs."""
+
+    __slots__ = (
+        "_earliest",
+        "_lapsed",
+        "_outbox",
+        "_waiter",
+        "ack_deadline",
+        "auto_ack",
+        "broadcast",
+        "channel",
+        "closed",
+        "error",
+        "group",
+        "id",
+        "in_flight",
+        "max_in_flight",
+        "peer",
+        "since",
+    )
+
+    def __init__(self, sub_id: str, params: SubscribeParams, group: str, peer: str, since: float) -> None:
+        self.id = sub_id
+        self.channel = params.channel
+        self.group = group
+        self.broadcast = params.broadcast
+        self.max_in_flight = params.max_in_flight
+        self.ack_deadline = params.ack_deadline
+        self.auto_ack = params.auto_ack
+        self.peer = peer
+        self.since = since
+        self.in_flight: dict[int, float] = {}  # seq -> lease deadline (unix s)
+        self._lapsed: dict[int, None] = {}  # leases that ran out: still ack-able, no credit
+        self._earliest = math.inf
+        self._outbox: deque[list[Stored]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.error: PushChannelError | None = None
+
+    # -- the dispatcher's side -------------------------------------------------------------------
+    def credit(self, now: float) -> int:
+        if now >= self._earliest:
+            self._lapse(now)
+        return self.max_in_flight - len(self.in_flight)
+
+    def _lapse(self, now: float) -> None:
+        earliest = math.inf
+        lapsed = self._lapsed
+        for seq, deadline in list(self.in_flight.items()):
+            if deadline <= now:
+                del self.in_flight[seq]
+                lapsed[seq] = None
+            elif deadline < earliest:
+                earliest = deadline
+        self._earliest = earliest
+        excess = len(lapsed) - _LAPSED_CAP_FACTOR * self.max_in_flight
+        for seq in list(lapsed)[: max(0, excess)]:
+            del lapsed[seq]
+
+    def push(self, batch: list[Stored], deadline: float) -> None:
+        in_flight = self.in_flight
+        for m in batch:
+            in_flight[m.seq] = deadline
+        if deadline < self._earliest:
+            self._earliest = deadline
+        self._outbox.append(batch)
+        self._wake()
+
+    def extend(self, seqs: list[int], deadline: float) -> list[int]:
+        known = [s for s in seqs if s in self.in_flight]
+        for s in known:
+            self.in_flight[s] = deadline
+        return known
+
+    def settle(self, tags: list[int]) -> tuple[list[int], int]:
+        """Forget acked (or nacked) tags: the seqs this subscription knew, and how many it did not."""
+        known: list[int] = []
+        in_flight, lapsed = self.in_flight, self._lapsed
+        for tag in tags:
+            if in_flight.pop(tag, None) is not None or (tag in lapsed and lapsed.pop(tag) is None):
+                known.append(tag)
+        return known, len(tags) - len(known)
+
+    def drain(self) -> list[int]:
+        """On close: every seq still out, to be released."""
+        seqs = list(self.in_flight)
+        self.in_flight.clear()
+        self._outbox.clear()
+        return seqs
+
+    def close(self, error: PushChannelError | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the servicer's side ---------------------------------------------------------------------
+    async def next_batch(self, timeout: float) -> list[Stored] | None:
+        """The next batch to write; None after ``timeout`` s with nothing to send (time for a
+        heartbeat). Raises the broker's reason when it closed the subscription."""
+        if not self._outbox and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+        if self._outbox:
+            batch = self._outbox.popleft()
+            while self._outbox and len(batch) < 1000:  # coalesce what piled up
+                batch = batch + self._outbox.popleft()
+            return batch
+        if self.error is not None:
+            raise self.error
+        return None if not self.closed else []

@@ -1,0 +1,120 @@
+"""Protobuf <-> core objects, for the servicers."""
+
+from __future__ import annotations
+
+from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
+from pushchannel.config import BrokerConfig
+from pushchannel.core.broker import Broker
+from pushchannel.core.model import DEFAULT_GROUP, ChannelStats, NewMessage, StartSpec, Stored
+from pushchannel.core.subscription import SubscribeParams, Subscription
+
+_POSITIONS = {pb.Open.DEFAULT: "default", pb.Open.NEW: "new", pb.Open.EARLIEST: "earliest"}
+
+
+def new_messages(req: pb.PublishRequest) -> list[NewMessage]:
+    return [
+        NewMessage(payload=m.payload, id=m.id, attributes=dict(m.attributes), ttl=m.ttl_ms / 1000.0)
+        for m in req.messages
+    ]
+
+
+def publish_response(results: list[tuple[int, bool]], ref: int = 0) -> pb.PublishResponse:
+    return pb.PublishResponse(
+        results=[pb.PublishResult(seq=seq, duplicate=dup) for seq, dup in results], ref=ref
+    )
+
+
+def start_spec(op: pb.Open) -> StartSpec:
+    which = op.WhichOneof("start")
+    if which == "start_seq":
+        return StartSpec("seq", op.start_seq) if op.start_seq > 0 else StartSpec("earliest")
+    if which == "start_time_ms":
+        return StartSpec("time", op.start_time_ms / 1000.0)
+    if which == "position":
+        kind = _POSITIONS.get(op.position, "default")
+        return StartSpec(kind)  # type: ignore[arg-type]
+    return StartSpec()
+
+
+def subscribe_params(op: pb.Open, cfg: BrokerConfig) -> SubscribeParams:
+    return SubscribeParams(
+        channel=op.channel,
+        group=op.group or DEFAULT_GROUP,
+        broadcast=op.mode == pb.Open.BROADCAST,
+        start=start_spec(op),
+        max_in_flight=op.max_in_flight or cfg.default_max_in_flight,
+        ack_deadline=op.ack_deadline_ms / 1000.0 if op.ack_deadline_ms else cfg.default_ack_deadline,
+        auto_ack=op.auto_ack,
+    )
+
+
+def opened(sub: Subscription, cfg: BrokerConfig) -> pb.SubscribeResponse:
+    return pb.SubscribeResponse(
+        opened=pb.Opened(
+            channel=sub.channel,
+            group=sub.group,
+            consumer=sub.id,
+            heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
+            max_in_flight=sub.max_in_flight,
+            ack_deadline_ms=int(sub.ack_deadline * 1000),
+        )
+    )
+
+
+def deliveries(channel: str, batch: list[Stored]) -> pb.SubscribeResponse:
+    Delivery = pb.Delivery
+    return pb.SubscribeResponse(
+        deliveries=pb.DeliveryBatch(
+            deliveries=[
+                Delivery(
+                    channel=channel,
+                    seq=m.seq,
+                    id=m.id,
+                    payload=m.payload,
+                    attributes=m.attributes,
+                    publish_time_us=int(m.publish_time * 1_000_000),
+                    attempt=m.attempt,
+                    delivery_tag=m.seq,
+                )
+                for m in batch
+            ]
+        )
+    )
+
+
+def channel_info(stats: ChannelStats, subs: list[Subscription], now: float) -> pb.ChannelInfo:
+    consumers: dict[str, int] = {}
+    for s in subs:
+        consumers[s.group] = consumers.get(s.group, 0) + 1
+    return pb.ChannelInfo(
+        name=stats.name,
+        depth=stats.depth,
+        bytes=stats.bytes,
+        oldest_age_s=max(0.0, now - stats.oldest_publish_time) if stats.oldest_publish_time else 0.0,
+        first_seq=stats.first_seq,
+        last_seq=stats.last_seq,
+        groups=[
+            pb.GroupInfo(
+                name=g.name, cursor=g.cursor, lag=g.lag, pending=g.pending, consumers=consumers.get(g.name, 0)
+            )
+            for g in stats.groups
+        ],
+        consumers=[
+            pb.ConsumerInfo(
+                id=s.id,
+                group=s.group,
+                peer=s.peer,
+                since_ms=int(s.since * 1000),
+                in_flight=len(s.in_flight),
+                broadcast=s.broadcast,
+            )
+            for s in subs
+        ],
+        dropped=stats.dropped,
+        expired=stats.expired,
+    )
+
+
+async def channel_info_of(broker: Broker, channel: str, now: float) -> pb.ChannelInfo:
+    stats, subs = await broker.channel_stats(channel)
+    return channel_info(stats, subs, now)

@@ -1,0 +1,140 @@
+"""``pushchannel.v1.Broker``: parse, call the core, map errors, write batches. Nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
+from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
+from pushchannel.core.broker import Broker
+from pushchannel.core.subscription import Subscription
+from pushchannel.errors import FailedPrecondition, PushChannelError
+from pushchannel.server import convert
+from pushchannel.server.status import abort, status_code
+
+log = logging.getLogger("pushchannel.server")
+Ctx = aio.ServicerContext[object, object]
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:  # type: ignore[override]
+        try:
+            results = await self.broker.publish(request.channel, convert.new_messages(request))
+        except Exception as exc:
+            await abort(context, exc)
+        return convert.publish_response(results)
+
+    async def PublishStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.PublishRequest], context: Ctx
+    ) -> AsyncIterator[pb.PublishResponse]:
+        publish = self.broker.publish
+        async for request in request_iterator:
+            try:
+                results = await publish(request.channel, convert.new_messages(request))
+            except PushChannelError as exc:
+                yield pb.PublishResponse(
+                    ref=request.ref, error_code=status_code(exc).value[0], error_message=str(exc)
+                )
+                continue
+            yield convert.publish_response(results, request.ref)
+
+    async def Subscribe(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx
+    ) -> None:
+        broker, cfg = self.broker, self.broker.config
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "open":
+                raise FailedPrecondition("a Subscribe stream must begin with Open")
+            sub = await broker.subscribe(convert.subscribe_params(first.open, cfg), peer=context.peer())
+        except Exception as exc:
+            await abort(context, exc)
+        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, sub))
+        try:
+            await context.write(convert.opened(sub, cfg))
+            heartbeat = cfg.heartbeat_interval
+            while True:
+                batch = await sub.next_batch(heartbeat)
+                if batch is None:
+                    await context.write(pb.SubscribeResponse(heartbeat=pb.Heartbeat(server_time_us=int(time.time() * 1e6))))
+                    continue
+                if not batch:
+                    return
+                await context.write(convert.deliveries(sub.channel, batch))
+                await broker.written(sub, batch)
+        except PushChannelError as exc:
+            await abort(context, exc)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await broker.close_subscription(sub)
+
+    async def _read(self, requests: AsyncIterator[pb.SubscribeRequest], sub: Subscription) -> None:
+        """Acks, nacks and deadline changes, each one batch to the core."""
+        broker = self.broker
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("kind")
+                if kind == "ack":
+                    await broker.ack(sub, list(req.ack.delivery_tags))
+                elif kind == "nack":
+                    n = req.nack
+                    await broker.nack(sub, list(n.delivery_tags), n.delay_ms / 1000.0, n.reason)
+                elif kind == "modify_deadline":
+                    m = req.modify_deadline
+                    await broker.modify_deadline(sub, list(m.delivery_tags), m.deadline_ms / 1000.0)
+                elif kind == "open":
+                    sub.close(FailedPrecondition("Open was sent twice on one Subscribe stream"))
+                    return
+        except PushChannelError as exc:
+            sub.close(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke under us: the writer side will notice
+            log.debug("subscribe reader of %s ended: %s", sub.id, exc)
+
+    # -- admin -----------------------------------------------------------------------------------
+    async def ListChannels(self, request: pb.ListChannelsRequest, context: Ctx) -> pb.ListChannelsResponse:  # type: ignore[override]
+        try:
+            now = time.time()
+            infos = []
+            for name in await self.broker.list_channels(request.prefix):
+                with contextlib.suppress(PushChannelError):  # deleted meanwhile
+                    infos.append(await convert.channel_info_of(self.broker, name, now))
+            return pb.ListChannelsResponse(channels=infos)
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def GetChannel(self, request: pb.GetChannelRequest, context: Ctx) -> pb.ChannelInfo:  # type: ignore[override]
+        try:
+            return await convert.channel_info_of(self.broker, request.channel, time.time())
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def PurgeChannel(self, request: pb.PurgeChannelRequest, context: Ctx) -> pb.PurgeChannelResponse:  # type: ignore[override]
+        try:
+            return pb.PurgeChannelResponse(purged=await self.broker.purge(request.channel))
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def DeleteChannel(self, request: pb.DeleteChannelRequest, context: Ctx) -> pb.DeleteChannelResponse:  # type: ignore[override]
+        try:
+            return pb.DeleteChannelResponse(deleted=await self.broker.delete_channel(request.channel))
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Ctx) -> pb.DeleteGroupResponse:  # type: ignore[override]
+        try:
+            return pb.DeleteGroupResponse(deleted=await self.broker.delete_group(request.channel, request.group))
+        except Exception as exc:
+            await abort(context, exc)
