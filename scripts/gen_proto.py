@@ -34,7 +34,7 @@ def _rewrite(text: str) -> str:
 
 
 def generate(out: Path) -> None:
-    from grpc_tools import protoc  # dev dependency only
+    from grpc_tools import protoc  # type: ignore[import-untyped]  # dev dependency only
 
     out.mkdir(parents=True, exist_ok=True)
     args = [

@@ -54,7 +54,7 @@ async def grpc_channel(broker_target: str) -> AsyncIterator[grpc.aio.Channel]:
     try:
         yield channel
     finally:
-        await channel.close()
+        await channel.close(None)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

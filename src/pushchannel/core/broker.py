@@ -237,21 +237,33 @@ class Broker:
             self._kick(sub)
             return 0
         visible_at = time.time() + max(0.0, delay)
-        n = await self.store.nack(sub.channel, sub.group, seqs, visible_at, f"nack: {reason}" if reason else "nack")
-        hub = self._hubs.get(sub.channel)
-        dispatcher = hub.dispatchers.get(sub.group) if hub is not None else None
+        why = f"nack: {reason}" if reason else "nack"
+        n = await self.store.nack(sub.channel, sub.group, seqs, visible_at, why)
+        dispatcher = self._dispatcher(sub)
         if dispatcher is not None:
             dispatcher.note_deadline(visible_at)
         self._kick(sub)
         return n
 
     async def modify_deadline(self, sub: Subscription, tags: list[int], seconds: float) -> int:
+        """Move the deadline of deliveries; 0 gives them back at once (as Cloud Pub/Sub does)."""
+        if seconds == 0:
+            return await self.nack(sub, tags, 0.0, "deadline set to 0")
         validation.check_ack_deadline(seconds, self.config.limits)
         deadline = time.time() + seconds
         seqs = sub.extend(tags, deadline)
         if not seqs or sub.broadcast:
             return 0
-        return await self.store.extend(sub.channel, sub.group, seqs, deadline)
+        n = await self.store.extend(sub.channel, sub.group, seqs, deadline)
+        dispatcher = self._dispatcher(sub)
+        if dispatcher is not None:
+            dispatcher.note_deadline(deadline)
+            dispatcher.kick()  # re-arms its timer for a shorter deadline
+        return n
+
+    def _dispatcher(self, sub: Subscription) -> GroupDispatcher | None:
+        hub = self._hubs.get(sub.channel)
+        return hub.dispatchers.get(sub.group) if hub is not None else None
 
     async def written(self, sub: Subscription, msgs: Sequence[Stored]) -> None:
         """The servicer wrote these to the stream: acked now when the subscription auto-acks."""
@@ -313,7 +325,9 @@ class Broker:
     async def trim(self, channel: str) -> None:
         hub = self._hubs.get(channel)
         keep_from = hub.broadcast_floor() if hub is not None else None
-        await self.store.trim(channel, self.config.policy_for(channel), time.time(), keep_from)
+        report = await self.store.trim(channel, self.config.policy_for(channel), time.time(), keep_from)
+        if report.expired:
+            self.count_expired(channel, report.expired)
 
     async def _retention_loop(self) -> None:
         interval = self.config.retention_interval

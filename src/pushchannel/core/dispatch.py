@@ -71,12 +71,8 @@ class Pump:
         if self._timer is not None:
             self._timer.cancel()
         task = self._task
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        if task is not None:  # let it finish its store call: it hands nothing out any more
+            await asyncio.wait({task}, timeout=5.0)
 
     async def pump_once(self) -> bool:
         raise NotImplementedError
@@ -129,9 +125,13 @@ class GroupDispatcher(Pump):
             deadline = now + sub.ack_deadline
             batch: list[Stored] = []
             if self._next_due <= now:
+                self._next_due = math.inf  # noted again below, or read back from the store
                 claimed = await store.claim_expired(channel, group, sub.id, credit, now, deadline)
                 if len(claimed) < credit:
-                    self._next_due = math.inf  # recomputed by next_wake
+                    nd = await store.next_deadline(channel, group)
+                    self._next_due = min(self._next_due, nd if nd is not None else math.inf)
+                else:
+                    self._next_due = now  # more may be due
                 if claimed:
                     batch = await self._screen(claimed, now, redelivery=True)
             room = credit - len(batch)
@@ -149,6 +149,7 @@ class GroupDispatcher(Pump):
                     self._next_due = min(self._next_due, now)
                     continue
                 sub.push(batch, deadline)
+                self.note_deadline(deadline)
                 broker.stats.delivered += len(batch)
         return progressed
 
@@ -179,15 +180,16 @@ class GroupDispatcher(Pump):
         return [m for m in msgs if m.seq not in gone]
 
     async def next_wake(self) -> float | None:
-        if math.isinf(self._next_due):
-            nd = await self.broker.store.next_deadline(self.channel, self.group)
-            if self._next_due == math.inf:  # nothing noted meanwhile
-                self._next_due = nd if nd is not None else math.inf
+        now = time.time()
         wake = self._next_due
         sweep = self.broker.store.sweep_interval
         if sweep is not None and self.subs:
-            wake = min(wake, time.time() + sweep)
-            self._next_due = min(self._next_due, time.time() + sweep)
+            wake = min(wake, now + sweep)
+            self._next_due = wake
+        if wake <= now:
+            # Something is due but no consumer had credit: credit comes back with an ack (which
+            # kicks us) or when a lease runs out, so wake then, not in a loop.
+            wake = min((s.next_lapse for s in self.subs), default=math.inf)
         return wake if math.isfinite(wake) else None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pushchannel.core.model import StartSpec, Stored
 from pushchannel.errors import PushChannelError
@@ -18,7 +18,7 @@ class SubscribeParams:
     channel: str
     group: str = "default"
     broadcast: bool = False
-    start: StartSpec = StartSpec()
+    start: StartSpec = field(default_factory=StartSpec)
     max_in_flight: int = 100
     ack_deadline: float = 30.0
     auto_ack: bool = False
@@ -85,6 +85,11 @@ class Subscription:
         for seq in list(lapsed)[: max(0, excess)]:
             del lapsed[seq]
 
+    @property
+    def next_lapse(self) -> float:
+        """When the earliest lease runs out (inf: none)."""
+        return self._earliest
+
     def push(self, batch: list[Stored], deadline: float) -> None:
         in_flight = self.in_flight
         for m in batch:
@@ -98,6 +103,8 @@ class Subscription:
         known = [s for s in seqs if s in self.in_flight]
         for s in known:
             self.in_flight[s] = deadline
+        if known and deadline < self._earliest:
+            self._earliest = deadline
         return known
 
     def settle(self, tags: list[int]) -> tuple[list[int], int]:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from pushchannel.config import Limits
-from pushchannel.core.model import NewMessage
+from pushchannel.core.model import DEAD_LETTER_SUFFIX, NewMessage
 from pushchannel.errors import InvalidArgument
 
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9._\-:/]+")
@@ -17,7 +17,10 @@ CHANNEL_RULE = "1-255 bytes of A-Z a-z 0-9 . _ - : /, not starting with '.'"
 def check_channel(channel: str, limits: Limits) -> str:
     if not channel:
         raise InvalidArgument(f"channel name is empty: a channel name is {CHANNEL_RULE}")
-    if len(channel) > limits.max_channel_bytes:
+    limit = limits.max_channel_bytes
+    if channel.endswith(DEAD_LETTER_SUFFIX):  # the dead-letter channel of any valid channel is valid
+        limit += len(DEAD_LETTER_SUFFIX)
+    if len(channel) > limit:
         raise InvalidArgument(
             f"channel name is {len(channel)} bytes, over the limit of {limits.max_channel_bytes}: "
             f"a channel name is {CHANNEL_RULE}"
@@ -28,7 +31,9 @@ def check_channel(channel: str, limits: Limits) -> str:
             f"channel name {channel[:64]!r} has the character {bad!r}: a channel name is {CHANNEL_RULE}"
         )
     if channel[0] == ".":
-        raise InvalidArgument(f"channel name {channel[:64]!r} starts with '.': a channel name is {CHANNEL_RULE}")
+        raise InvalidArgument(
+            f"channel name {channel[:64]!r} starts with '.': a channel name is {CHANNEL_RULE}"
+        )
     return channel
 
 

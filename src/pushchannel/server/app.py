@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -79,8 +80,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     broker = Broker(store, config.broker)
     await broker.start()
     server = aio.server(options=grpc_options(config))
-    push_pb2_grpc.add_MessageSyncServicer_to_server(MessageSyncServicer(broker), server)
-    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(broker), server)
+    push_pb2_grpc.add_MessageSyncServicer_to_server(MessageSyncServicer(broker), server)  # type: ignore[no-untyped-call]
+    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(broker), server)  # type: ignore[no-untyped-call]
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
@@ -96,7 +97,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
 async def _serve(config: ServerConfig) -> int:
     running = await start_server(config)
     log.info("pushchannel listening on %s (store %s)", running.target, config.store_url)
-    print(f"pushchannel listening on {running.target} (store {config.store_url})", file=sys.stderr, flush=True)
+    print(
+        f"pushchannel listening on {running.target} (store {config.store_url})", file=sys.stderr, flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -130,11 +133,12 @@ def serve(config: ServerConfig) -> int:
     try:
         import uvloop  # an optional extra: grpc.aio streams faster on it
 
-        runner = uvloop.run
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:
-        runner = asyncio.run
+        factory = None
     try:
-        return runner(_serve(config))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_serve(config))
     except PushChannelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel.config import BrokerConfig
 from pushchannel.core.broker import Broker
@@ -18,7 +20,7 @@ def new_messages(req: pb.PublishRequest) -> list[NewMessage]:
     ]
 
 
-def publish_response(results: list[tuple[int, bool]], ref: int = 0) -> pb.PublishResponse:
+def publish_response(results: Sequence[tuple[int, bool]], ref: int = 0) -> pb.PublishResponse:
     return pb.PublishResponse(
         results=[pb.PublishResult(seq=seq, duplicate=dup) for seq, dup in results], ref=ref
     )
@@ -59,6 +61,34 @@ def opened(sub: Subscription, cfg: BrokerConfig) -> pb.SubscribeResponse:
             ack_deadline_ms=int(sub.ack_deadline * 1000),
         )
     )
+
+
+# A delivery frame stays under what a client with gRPC's default 4 MiB receive limit accepts;
+# a single message (1 MiB payload + 64 attributes of 4 KiB) always fits on its own.
+MAX_FRAME_BYTES = 3 << 20
+_PER_MESSAGE_OVERHEAD = 64
+
+
+def frames(batch: list[Stored]) -> list[list[Stored]]:
+    """Split a batch into frames of at most MAX_FRAME_BYTES (roughly)."""
+    total = 0
+    for m in batch:
+        total += len(m.payload) + _PER_MESSAGE_OVERHEAD
+    if total <= MAX_FRAME_BYTES and not any(m.attributes for m in batch):
+        return [batch]
+    out: list[list[Stored]] = []
+    cur: list[Stored] = []
+    size = 0
+    for m in batch:
+        n = len(m.payload) + _PER_MESSAGE_OVERHEAD + sum(len(k) + len(v) for k, v in m.attributes.items())
+        if cur and size + n > MAX_FRAME_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def deliveries(channel: str, batch: list[Stored]) -> pb.SubscribeResponse:

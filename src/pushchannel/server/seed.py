@@ -19,16 +19,14 @@ class MessageSyncServicer(push_pb2_grpc.MessageSyncServicer):
         self.broker = broker
         self._received = push_pb2.SubmitReply(reply="received")
 
-    async def SubmitMessage(self, request: push_pb2.SubmitRequest, context: Ctx) -> push_pb2.SubmitReply:  # type: ignore[override]
+    async def SubmitMessage(self, request: push_pb2.SubmitRequest, context: Ctx) -> push_pb2.SubmitReply:
         try:
             await self.broker.publish(request.channel, [NewMessage(request.message.encode())])
         except Exception as exc:
             await abort(context, exc)
         return self._received
 
-    async def PushMessageStream(  # type: ignore[override]
-        self, request: push_pb2.ConnRequest, context: Ctx
-    ) -> None:
+    async def PushMessageStream(self, request: push_pb2.ConnRequest, context: Ctx) -> None:
         broker, cfg = self.broker, self.broker.config
         params = SubscribeParams(
             channel=request.channel,

@@ -26,14 +26,14 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:  # type: ignore[override]
+    async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:
         try:
             results = await self.broker.publish(request.channel, convert.new_messages(request))
         except Exception as exc:
             await abort(context, exc)
         return convert.publish_response(results)
 
-    async def PublishStream(  # type: ignore[override]
+    async def PublishStream(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Ctx
     ) -> AsyncIterator[pb.PublishResponse]:
         publish = self.broker.publish
@@ -47,9 +47,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 continue
             yield convert.publish_response(results, request.ref)
 
-    async def Subscribe(  # type: ignore[override]
-        self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx
-    ) -> None:
+    async def Subscribe(self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx) -> None:
         broker, cfg = self.broker, self.broker.config
         try:
             first = await anext(aiter(request_iterator), None)
@@ -65,12 +63,15 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             while True:
                 batch = await sub.next_batch(heartbeat)
                 if batch is None:
-                    await context.write(pb.SubscribeResponse(heartbeat=pb.Heartbeat(server_time_us=int(time.time() * 1e6))))
+                    await context.write(
+                        pb.SubscribeResponse(heartbeat=pb.Heartbeat(server_time_us=int(time.time() * 1e6)))
+                    )
                     continue
                 if not batch:
                     return
-                await context.write(convert.deliveries(sub.channel, batch))
-                await broker.written(sub, batch)
+                for frame in convert.frames(batch):
+                    await context.write(convert.deliveries(sub.channel, frame))
+                    await broker.written(sub, frame)
         except PushChannelError as exc:
             await abort(context, exc)
         finally:
@@ -104,7 +105,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             log.debug("subscribe reader of %s ended: %s", sub.id, exc)
 
     # -- admin -----------------------------------------------------------------------------------
-    async def ListChannels(self, request: pb.ListChannelsRequest, context: Ctx) -> pb.ListChannelsResponse:  # type: ignore[override]
+    async def ListChannels(self, request: pb.ListChannelsRequest, context: Ctx) -> pb.ListChannelsResponse:
         try:
             now = time.time()
             infos = []
@@ -115,26 +116,28 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         except Exception as exc:
             await abort(context, exc)
 
-    async def GetChannel(self, request: pb.GetChannelRequest, context: Ctx) -> pb.ChannelInfo:  # type: ignore[override]
+    async def GetChannel(self, request: pb.GetChannelRequest, context: Ctx) -> pb.ChannelInfo:
         try:
             return await convert.channel_info_of(self.broker, request.channel, time.time())
         except Exception as exc:
             await abort(context, exc)
 
-    async def PurgeChannel(self, request: pb.PurgeChannelRequest, context: Ctx) -> pb.PurgeChannelResponse:  # type: ignore[override]
+    async def PurgeChannel(self, request: pb.PurgeChannelRequest, context: Ctx) -> pb.PurgeChannelResponse:
         try:
             return pb.PurgeChannelResponse(purged=await self.broker.purge(request.channel))
         except Exception as exc:
             await abort(context, exc)
 
-    async def DeleteChannel(self, request: pb.DeleteChannelRequest, context: Ctx) -> pb.DeleteChannelResponse:  # type: ignore[override]
+    async def DeleteChannel(self, request: pb.DeleteChannelRequest, context: Ctx) -> pb.DeleteChannelResponse:
         try:
             return pb.DeleteChannelResponse(deleted=await self.broker.delete_channel(request.channel))
         except Exception as exc:
             await abort(context, exc)
 
-    async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Ctx) -> pb.DeleteGroupResponse:  # type: ignore[override]
+    async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Ctx) -> pb.DeleteGroupResponse:
         try:
-            return pb.DeleteGroupResponse(deleted=await self.broker.delete_group(request.channel, request.group))
+            return pb.DeleteGroupResponse(
+                deleted=await self.broker.delete_group(request.channel, request.group)
+            )
         except Exception as exc:
             await abort(context, exc)

@@ -184,8 +184,9 @@ class MemoryStore(Store):
             return results
         added = sum(_size(m) for m in fresh)
         if policy.discard == "reject":
-            self._trim_acked(ch, None)
-            if ch.depth() + len(fresh) > policy.max_messages or ch.nbytes + added > policy.max_bytes:
+            if self._over(ch, policy, len(fresh), added):
+                self._trim_acked(ch, None)  # make room from what no group needs any more
+            if self._over(ch, policy, len(fresh), added):
                 raise ResourceExhausted(
                     f"channel '{channel}' is full (max_messages={policy.max_messages}, "
                     f"max_bytes={policy.max_bytes}, discard=reject): consume or purge it, or raise its limits"
@@ -194,14 +195,18 @@ class MemoryStore(Store):
         ch.last_seq = seq
         ch.nbytes += added
         if window > 0:
-            for m in fresh:
-                if m.id:
-                    ch.dedupe[m.id] = (m.seq, now)
-                    ch.dedupe_order.append((now, m.id))
+            for s in fresh:
+                if s.id:
+                    ch.dedupe[s.id] = (s.seq, now)
+                    ch.dedupe_order.append((now, s.id))
         if policy.discard == "drop-oldest":
             ch.dropped += self._enforce_size(ch, policy)
         self._wake(channel)
         return results
+
+    @staticmethod
+    def _over(ch: _Channel, policy: ChannelPolicy, n: int, nbytes: int) -> bool:
+        return ch.depth() + n > policy.max_messages or ch.nbytes + nbytes > policy.max_bytes
 
     @staticmethod
     def _enforce_size(ch: _Channel, policy: ChannelPolicy) -> int:
@@ -316,7 +321,7 @@ class MemoryStore(Store):
             return 0
         pending = g.pending
         n = 0
-        for seq in seqs:
+        for seq in set(seqs):
             if pending.pop(seq, None) is not None:
                 n += 1
         return n
@@ -328,7 +333,7 @@ class MemoryStore(Store):
         if g is None:
             return 0
         n = 0
-        for seq in seqs:
+        for seq in set(seqs):
             entry = g.pending.get(seq)
             if entry is not None:
                 entry.reason = reason
@@ -341,7 +346,7 @@ class MemoryStore(Store):
         if g is None:
             return 0
         n = 0
-        for seq in seqs:
+        for seq in set(seqs):
             entry = g.pending.get(seq)
             if entry is not None:
                 g.set_deadline(entry, deadline)
