@@ -33,10 +33,20 @@ def broker_config() -> BrokerConfig:
     return TEST_BROKER
 
 
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every broker-level test runs on each in-process store."""
+    if request.param == "memory":
+        return "memory://"
+    return f"sqlite:///{tmp_path}/broker.db"
+
+
 @pytest.fixture
-async def broker_server(broker_config: BrokerConfig) -> AsyncIterator[RunningServer]:
-    """An in-process broker on the memory store, on the test's event loop."""
-    running = await start_server(ServerConfig(listen="127.0.0.1:0", broker=broker_config, grace=0.5))
+async def broker_server(broker_config: BrokerConfig, broker_store_url: str) -> AsyncIterator[RunningServer]:
+    """An in-process broker on a free loopback port, on the test's event loop."""
+    running = await start_server(
+        ServerConfig(listen="127.0.0.1:0", store_url=broker_store_url, broker=broker_config, grace=0.5)
+    )
     try:
         yield running
     finally:

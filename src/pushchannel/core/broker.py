@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pushchannel.config import BrokerConfig
 from pushchannel.core import validation
-from pushchannel.core.dispatch import BroadcastFeeder, GroupDispatcher
+from pushchannel.core.dispatch import BroadcastFeeder, GroupDispatcher, Pump
 from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
 from pushchannel.core.subscription import SubscribeParams, Subscription
 from pushchannel.errors import NotFound, PushChannelError, Unavailable
@@ -152,29 +152,33 @@ class Broker:
         if self._closing:
             raise Unavailable("the broker is shutting down: reconnect to another node")
         store, channel, now = self.store, params.channel, time.time()
-        await store.ensure_channel(channel, cfg.policy_for(channel), now)
         sub_id = f"{self.node_id}-{next(self._ids)}"
-        group = params.group or DEFAULT_GROUP
-        if params.broadcast:
-            group = f"broadcast-{sub_id}"
+        group = f"broadcast-{sub_id}" if params.broadcast else (params.group or DEFAULT_GROUP)
         sub = Subscription(sub_id, params, group, peer, now)
-        hub = self._hubs.get(channel)
-        if hub is None:
-            hub = self._hubs[channel] = ChannelHub(self, channel, await store.last_seq(channel))
-            if store.shared:
-                hub.watcher = asyncio.get_running_loop().create_task(hub.watch())
+        # Every store call first; the hub and dispatcher bookkeeping below has no await, so
+        # concurrent subscribes and closes on one channel cannot interleave within it.
+        await store.ensure_channel(channel, cfg.policy_for(channel), now)
+        cursor = 0
         if params.broadcast:
             cursor = await BroadcastFeeder.start_cursor(self, channel, params.start)
+        else:
+            await store.ensure_group(channel, group, params.start, now)
+        last_seq = await store.last_seq(channel)
+        hub = self._hubs.get(channel)
+        if hub is None:
+            hub = self._hubs[channel] = ChannelHub(self, channel, last_seq)
+            if store.shared:
+                hub.watcher = asyncio.get_running_loop().create_task(hub.watch())
+        hub.last_seq = max(hub.last_seq, last_seq)
+        if params.broadcast:
             feeder = hub.feeders[sub_id] = BroadcastFeeder(self, hub, sub, cursor)
             feeder.kick()
         else:
-            await store.ensure_group(channel, group, params.start, now)
             dispatcher = hub.dispatchers.get(group)
             if dispatcher is None:
                 dispatcher = hub.dispatchers[group] = GroupDispatcher(self, hub, group)
             dispatcher.subs.append(sub)
             dispatcher.kick()
-        hub.last_seq = max(hub.last_seq, await store.last_seq(channel))
         log.info(
             "subscription opened: id=%s peer=%s channel=%s group=%s mode=%s",
             sub_id,
@@ -192,30 +196,39 @@ class Broker:
         if hub is None:
             return
         seqs = sub.drain()
+        # Bookkeeping first, without awaits (see subscribe); the store calls after.
+        stopping: list[Pump] = []
+        dispatcher: GroupDispatcher | None = None
         if sub.broadcast:
             feeder = hub.feeders.pop(sub.id, None)
             if feeder is not None:
-                await feeder.stop()
+                stopping.append(feeder)
         else:
             dispatcher = hub.dispatchers.get(sub.group)
             if dispatcher is not None and sub in dispatcher.subs:
                 dispatcher.subs.remove(sub)
-                if seqs:
-                    now = time.time()
-                    try:
-                        await self.store.nack(sub.channel, sub.group, seqs, now, "consumer disconnected")
-                    except Exception as exc:  # the deadline will bring them back instead
-                        self.log_error("release", sub.channel, exc)
-                    dispatcher.note_deadline(now)
-                if dispatcher.subs:
-                    dispatcher.kick()
-                else:
+                if not dispatcher.subs:
                     del hub.dispatchers[sub.group]
-                    await dispatcher.stop()
+                    stopping.append(dispatcher)
+            else:
+                dispatcher = None
         if hub.empty() and self._hubs.get(sub.channel) is hub:
             del self._hubs[sub.channel]
             if hub.watcher is not None:
                 hub.watcher.cancel()
+        if dispatcher is not None and seqs:
+            now = time.time()
+            try:
+                await self.store.nack(sub.channel, sub.group, seqs, now, "consumer disconnected")
+            except Exception as exc:  # the deadline will bring them back instead
+                self.log_error("release", sub.channel, exc)
+            live = self._hubs.get(sub.channel)
+            successor = live.dispatchers.get(sub.group) if live is not None else None
+            if successor is not None:
+                successor.note_deadline(now)
+                successor.kick()
+        for pump in stopping:
+            await pump.stop()
         log.info("subscription closed: id=%s peer=%s channel=%s", sub.id, sub.peer, sub.channel)
 
     async def ack(self, sub: Subscription, tags: list[int]) -> int:

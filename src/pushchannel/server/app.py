@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 from grpc import aio
@@ -21,7 +22,7 @@ from pushchannel.core.broker import Broker
 from pushchannel.errors import PushChannelError, Unavailable
 from pushchannel.server.seed import MessageSyncServicer
 from pushchannel.server.service import BrokerServicer
-from pushchannel.store import open_store
+from pushchannel.store import DEFAULT_STORE_URL, open_store
 
 log = logging.getLogger("pushchannel.server")
 
@@ -31,7 +32,8 @@ MAX_MESSAGE_BYTES = 16 << 20
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    store_url: str = "memory://"
+    store_url: str = DEFAULT_STORE_URL
+    fsync: Literal["normal", "full"] = "normal"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     grace: float = 10.0
     keepalive_time: float = 20.0
@@ -76,7 +78,7 @@ class RunningServer:
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, fsync=config.fsync)
     broker = Broker(store, config.broker)
     await broker.start()
     server = aio.server(options=grpc_options(config))

@@ -1,21 +1,32 @@
-"""Stores behind one interface, chosen by URL: ``memory://`` (more to come, see docs/stores.md)."""
+"""Stores behind one interface, chosen by URL (docs/stores.md):
+
+- ``memory://``: in-process, fastest, lost on exit;
+- ``sqlite:///PATH``: embedded, durable, the default;
+- ``redis://HOST:PORT/DB``: not yet.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlparse
 
 from pushchannel.errors import InvalidArgument
 from pushchannel.store.base import Store
 from pushchannel.store.memory import MemoryStore
+from pushchannel.store.sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["DEFAULT_STORE_URL", "MemoryStore", "SQLiteStore", "Store", "open_store"]
+
+DEFAULT_STORE_URL = "sqlite:///pushchannel-data/pushchannel.db"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, fsync: Literal["normal", "full"] = "normal") -> Store:
     """Build (not start) the store a URL names."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         return MemoryStore()
-    if scheme in ("sqlite", "redis"):
-        raise InvalidArgument(f"the {scheme} store is not available yet: use --store memory://")
-    raise InvalidArgument(f"unknown store URL {url!r}: use memory://")
+    if scheme == "sqlite":
+        return SQLiteStore(url, fsync=fsync)
+    if scheme == "redis":
+        raise InvalidArgument("the redis store is not available yet: use sqlite:///PATH or memory://")
+    raise InvalidArgument(f"unknown store URL {url!r}: use sqlite:///PATH or memory://")

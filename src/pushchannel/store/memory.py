@@ -27,7 +27,10 @@ _EXPIRED_REASON = "ack deadline exceeded"
 
 
 def _size(m: Stored) -> int:
-    return len(m.payload) + sum(len(k) + len(v) for k, v in m.attributes.items())
+    """Bytes a message counts against max_bytes: payload and UTF-8 attributes."""
+    if not m.attributes:
+        return len(m.payload)
+    return len(m.payload) + sum(len(k.encode()) + len(v.encode()) for k, v in m.attributes.items())
 
 
 @dataclass(slots=True)
