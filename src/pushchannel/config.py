@@ -4,6 +4,7 @@ or the environment at import."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pushchannel.core.model import ChannelPolicy, PolicyRule
 
@@ -57,3 +58,25 @@ class BrokerConfig:
             if rule.matches(channel):
                 return rule.policy
         return self.default_policy
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What ``pushchannel serve`` runs: built once from the config file and flags."""
+
+    listen: str = "127.0.0.1:50051"
+    store_url: str = "sqlite:///pushchannel-data/pushchannel.db"
+    fsync: Literal["normal", "full"] = "normal"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    grace: float = 10.0
+    keepalive_time: float = 20.0
+    keepalive_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.fsync not in ("normal", "full"):
+            raise ValueError("fsync must be 'normal' or 'full'")
+        if self.grace < 0:
+            raise ValueError("grace must not be negative")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen address {self.listen!r} is not HOST:PORT")

@@ -136,17 +136,15 @@ class AsyncClient:
         them. ``broadcast``: this subscriber gets every message, in an anonymous group of its
         own that lives as long as the stream (``group`` is then ignored). ``start`` is where a
         group that does not exist yet begins: ``"new"``, ``"earliest"``, a ``seq`` or a
-        :class:`~datetime.datetime`; ``None`` is the group's own default (the ``default``
-        group keeps everything published before any consumer came, other groups and
-        broadcast start at new messages). At most ``max_in_flight`` deliveries are unacked
+        :class:`~datetime.datetime` (naive: local time); ``None`` is the group's own default
+        (the ``default`` group keeps everything published before any consumer came, other
+        groups and broadcast start at new messages). At most ``max_in_flight`` deliveries are unacked
         at once; one not acked within ``ack_deadline`` seconds is delivered again.
         ``auto_ack``: every delivery counts as acked once sent (at-most-once).
 
         The stream opens when iteration starts (or on ``await subscription.open()``).
         """
-        open_request = _open_request(
-            channel, group, broadcast, start, max_in_flight, ack_deadline, auto_ack
-        )
+        open_request = _open_request(channel, group, broadcast, start, max_in_flight, ack_deadline, auto_ack)
         return Subscription(self._subscriber(open_request))
 
     def _subscriber(self, open_request: pb.Open) -> Subscriber:
@@ -154,7 +152,7 @@ class AsyncClient:
         broker = self._broker()
 
         def start_call() -> SubscribeCall:
-            return broker.subscribe(metadata=self._metadata)
+            return broker.subscribe(None, metadata=self._metadata)
 
         # Forgotten once closed, so a long-lived client that subscribes many times does not
         # keep every old stream alive.

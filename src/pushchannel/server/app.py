@@ -9,35 +9,24 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
 
 import grpc
 from grpc import aio
 
 from pushchannel._proto import push_pb2_grpc
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
-from pushchannel.config import BrokerConfig
+from pushchannel.config import ServerConfig
 from pushchannel.core.broker import Broker
 from pushchannel.errors import PushChannelError, Unavailable
 from pushchannel.server.seed import MessageSyncServicer
 from pushchannel.server.service import BrokerServicer
-from pushchannel.store import DEFAULT_STORE_URL, open_store
+from pushchannel.store import open_store
+
+__all__ = ["RunningServer", "ServerConfig", "serve", "start_server"]
 
 log = logging.getLogger("pushchannel.server")
 
 MAX_MESSAGE_BYTES = 16 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: str = "127.0.0.1:50051"
-    store_url: str = DEFAULT_STORE_URL
-    fsync: Literal["normal", "full"] = "normal"
-    broker: BrokerConfig = field(default_factory=BrokerConfig)
-    grace: float = 10.0
-    keepalive_time: float = 20.0
-    keepalive_timeout: float = 10.0
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:

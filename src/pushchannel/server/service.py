@@ -97,6 +97,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 elif kind == "open":
                     sub.close(FailedPrecondition("Open was sent twice on one Subscribe stream"))
                     return
+            # The client half-closed: its last acks are in, so the subscription ends cleanly
+            # (as a StreamingPull does); a client keeps its request stream open to keep receiving.
+            sub.close()
         except PushChannelError as exc:
             sub.close(exc)
         except asyncio.CancelledError:
