@@ -1,0 +1,52 @@
+"""The ``pushchannel`` command: ``serve``, ``publish``, ``subscribe``.
+
+Failures print one line, ``error: ...``, to stderr and exit 1 (2 for usage errors); Ctrl-C
+exits 130. The SDK and gRPC are imported only by the commands that need them, so that
+``--help`` and ``--version`` are instant. Each family of commands lives in its own module with
+a ``register`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from pushchannel import __version__
+from pushchannel.cli import messages, serve
+from pushchannel.cli._common import CommandError, client_options, explain, fail
+from pushchannel.errors import PushChannelError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except CommandError as e:
+        return fail(str(e))
+    except PushChannelError as e:
+        return fail(explain(e, getattr(args, "server", "")))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing, and keep Python from complaining
+        # about the unflushable stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pushchannel", description="A message push broker over gRPC, and its command-line client."
+    )
+    parser.add_argument("--version", action="version", version=f"pushchannel {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    serve.register(commands)
+    client = client_options()
+    messages.register(commands, client)
+    return parser

@@ -1,0 +1,5 @@
+import sys
+
+from pushchannel.cli import main
+
+sys.exit(main())
