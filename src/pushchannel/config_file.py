@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from pushchannel.config import BrokerConfig, Limits, ServerConfig
+from pushchannel.config import Limits, ServerConfig
 from pushchannel.core.model import ChannelPolicy, PolicyRule
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
