@@ -23,7 +23,14 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse cannot take positionals after options (`publish CH --id X MESSAGE`): the
+        # messages of publish may come anywhere, anything else left over is a usage error.
+        if getattr(args, "message", None) is not None and not any(e.startswith("-") for e in extra):
+            args.message += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         result: int = args.run(args)
         return result

@@ -1,0 +1,62 @@
+"""The README's 60-second tour, command by command, against a `pushchannel serve` subprocess on
+its default store (SQLite, in a temporary working directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, start_broker_process, stop_process
+
+
+@pytest.fixture
+def tour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.chdir(tmp_path)  # the default store lands in ./pushchannel-data
+    proc, target = start_broker_process()
+    try:
+        yield target
+    finally:
+        stop_process(proc)
+    assert (tmp_path / "pushchannel-data" / "pushchannel.db").exists()
+
+
+def run(target: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PUSHCHANNEL_SERVER=target)
+    return subprocess.run(
+        [sys.executable, "-m", "pushchannel.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def test_the_tour(tour: str) -> None:
+    ch = "hosts.berlin-1"
+    assert run(tour, "publish", ch, "reboot", "update --now").stdout.split("\n")[:2] == ["seq 1", "seq 2"]
+    first = run(tour, "publish", ch, "--attr", "kind=cmd", "--id", "cmd-42", "rotate-logs")
+    assert first.returncode == 0 and first.stdout.strip() == "seq 3", first.stderr
+    again = run(tour, "publish", ch, "--id", "cmd-42", "rotate-logs")
+    assert again.stdout.strip() == "seq 3 (duplicate)"
+    lines = run(tour, "publish", ch, stdin="one\ntwo\nthree\n")
+    assert lines.stdout.split() == ["seq", "4", "seq", "5", "seq", "6"]
+
+    got = run(tour, "subscribe", ch, "--count", "3", "--timeout", "10")
+    assert got.returncode == 0 and got.stdout.splitlines() == ["reboot", "update --now", "rotate-logs"]
+    got = run(tour, "subscribe", ch, "--json", "--count", "1", "--timeout", "10")
+    record = json.loads(got.stdout)
+    assert (record["payload"], record["seq"]) == ("one", 4)
+
+    # A second durable group starts from the earliest message and sees everything.
+    audit = run(
+        tour, "subscribe", ch, "--group", "audit", "--from", "earliest", "--count", "6", "--timeout", "10"
+    )
+    assert audit.returncode == 0, audit.stderr
+    assert audit.stdout.splitlines()[-1] == "three"
