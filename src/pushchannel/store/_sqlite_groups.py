@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pushchannel.core.model import DEFAULT_GROUP, PendingEntry, StartSpec, Stored
+from pushchannel.core.model import PendingEntry, StartSpec, Stored
 from pushchannel.store._sqlite_base import COLS, EXPIRED_REASON, TablesBase, seq_set, stored
+from pushchannel.store.base import start_cursor
 
 _M_COLS = ", ".join("m." + c for c in COLS.split(", "))
 
@@ -18,28 +19,22 @@ class GroupOps(TablesBase):
         ch = self._get(channel) or self._create(channel, False)
         if group in ch.groups:
             return False
-        kind = start.kind
-        if kind == "default":
-            kind = "earliest" if group == DEFAULT_GROUP else "new"
-        if kind == "new":
-            cursor = ch.last_seq
-        elif kind == "earliest":
-            cursor = ch.first_seq - 1
-        elif kind == "seq":
-            cursor = max(0, int(start.value) - 1)
-        else:
-            # The first live message published at or after the time (publish times ascend).
+
+        def first_at(t: float) -> int:
+            # The first live message published at or after t (publish times ascend).
             lo, hi = ch.first_seq, ch.last_seq + 1
             while lo < hi:
                 mid = (lo + hi) // 2
-                (t,) = self.conn.execute(
+                (pt,) = self.conn.execute(
                     "SELECT publish_time FROM messages WHERE channel_id = ? AND seq = ?", (ch.id, mid)
                 ).fetchone()
-                if t < start.value:
+                if pt < t:
                     lo = mid + 1
                 else:
                     hi = mid
-            cursor = lo - 1
+            return lo
+
+        cursor = start_cursor(start, group, ch.first_seq, ch.last_seq, first_at)
         self._add_group(ch, group, cursor)
         return True
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pushchannel.core.model import (
     DEAD_LETTER_SUFFIX,
+    DEFAULT_GROUP,
     AppendResult,
     ChannelPolicy,
     ChannelStats,
@@ -28,6 +29,23 @@ from pushchannel.core.model import (
     Stored,
     TrimReport,
 )
+
+
+def start_cursor(
+    start: StartSpec, group: str, first_seq: int, last_seq: int, first_at: Callable[[float], int]
+) -> int:
+    """Where a new group's cursor starts (the last seq it will not get), for every store:
+    ``first_at(t)`` answers the first live seq published at or after ``t`` (last_seq + 1: none)."""
+    kind = start.kind
+    if kind == "default":
+        kind = "earliest" if group == DEFAULT_GROUP else "new"
+    if kind == "new":
+        return last_seq
+    if kind == "earliest":
+        return first_seq - 1
+    if kind == "seq":
+        return max(0, int(start.value) - 1)
+    return first_at(start.value) - 1
 
 
 class Store(abc.ABC):

@@ -21,7 +21,7 @@ from pushchannel.core.model import (
     TrimReport,
 )
 from pushchannel.errors import ResourceExhausted
-from pushchannel.store.base import Store
+from pushchannel.store.base import Store, start_cursor
 
 _EXPIRED_REASON = "ack deadline exceeded"
 
@@ -248,19 +248,13 @@ class MemoryStore(Store):
         ch = self._create(channel, None)
         if group in ch.groups:
             return False
-        kind = start.kind
-        if kind == "default":
-            kind = "earliest" if group == DEFAULT_GROUP else "new"
-        if kind == "new":
-            cursor = ch.last_seq
-        elif kind == "earliest":
-            cursor = ch.first_seq - 1
-        elif kind == "seq":
-            cursor = max(0, int(start.value) - 1)
-        else:
+
+        def first_at(t: float) -> int:
             live = ch.msgs[ch.head :]
-            i = bisect.bisect_left(live, start.value, key=lambda m: m.publish_time)
-            cursor = live[i].seq - 1 if i < len(live) else ch.last_seq
+            i = bisect.bisect_left(live, t, key=lambda m: m.publish_time)
+            return live[i].seq if i < len(live) else ch.last_seq + 1
+
+        cursor = start_cursor(start, group, ch.first_seq, ch.last_seq, first_at)
         ch.groups[group] = _Group(cursor=cursor)
         return True
 
