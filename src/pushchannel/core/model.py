@@ -80,6 +80,7 @@ class TrimReport:
     aged: int = 0  # dropped by max_age
     dropped: int = 0  # dropped by max_messages / max_bytes
     expired: int = 0  # ttl passed before delivery
+    oldest: float = 0.0  # publish time of the oldest message left (0: none, or not known)
 
     @property
     def total(self) -> int:

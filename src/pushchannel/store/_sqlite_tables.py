@@ -257,6 +257,12 @@ class Tables(GroupOps):
         if report.total:
             self._save(ch)
             self._maybe_vacuum()
+        if ch.depth():
+            row = self.conn.execute(
+                "SELECT publish_time FROM messages WHERE channel_id = ? AND seq >= ? ORDER BY seq LIMIT 1",
+                (ch.id, ch.first_seq),
+            ).fetchone()
+            report.oldest = row[0] if row else 0.0
         return report
 
     def _trim_acked(self, ch: CachedChannel, keep_from: int | None) -> int:

@@ -383,6 +383,8 @@ class MemoryStore(Store):
         report.dropped = self._enforce_size(ch, policy)
         ch.dropped += report.aged + report.dropped
         ch.prune_dedupe(now, policy.dedupe_window)
+        if ch.depth():
+            report.oldest = ch.msgs[ch.head].publish_time
         return report
 
     async def channels(self) -> list[str]:

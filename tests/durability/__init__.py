@@ -1,0 +1,1 @@
+"""Durability: real broker subprocesses on SQLite, killed and restarted (SPEC §4)."""
