@@ -136,8 +136,9 @@ class Subscription:
 
     # -- the servicer's side ---------------------------------------------------------------------
     async def next_batch(self, timeout: float) -> list[Stored] | None:
-        """The next batch to write; None after ``timeout`` s with nothing to send (time for a
-        heartbeat). Raises the broker's reason when it closed the subscription."""
+        """The next batch to write; ``None`` after ``timeout`` s with nothing to send (time for a
+        heartbeat); ``[]`` once the subscription closed cleanly (the stream ends with OK).
+        Raises the broker's reason when it closed the subscription with one."""
         if not self._outbox and not self.closed:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
