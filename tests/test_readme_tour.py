@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,9 +55,25 @@ def test_the_tour(tour: str) -> None:
     record = json.loads(got.stdout)
     assert (record["payload"], record["seq"]) == ("one", 4)
 
-    # A second durable group starts from the earliest message and sees everything.
-    audit = run(
-        tour, "subscribe", ch, "--group", "audit", "--from", "earliest", "--count", "6", "--timeout", "10"
+    # A second durable group gets what is published after it was created, as the default does.
+    audit = subprocess.Popen(
+        [sys.executable, "-m", "pushchannel.cli", "subscribe", ch, "--group", "audit", "--count", "1"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), PUSHCHANNEL_SERVER=tour),
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    assert audit.returncode == 0, audit.stderr
-    assert audit.stdout.splitlines()[-1] == "three"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the audit group exists
+            info = run(tour, "channel", ch, "--json")
+            if info.returncode == 0 and '"audit"' in info.stdout:
+                break
+            time.sleep(0.2)
+        assert run(tour, "publish", ch, "for-both").returncode == 0
+        out, _ = audit.communicate(timeout=20)
+    finally:
+        audit.kill()
+        audit.wait()
+    assert out.splitlines() == ["for-both"]
+    rest = run(tour, "subscribe", ch, "--count", "3", "--timeout", "10")
+    assert rest.stdout.splitlines() == ["two", "three", "for-both"]

@@ -39,10 +39,12 @@ if TYPE_CHECKING:
         AsyncClient,
         BlockingSubscription,
         Client,
+        ConnectionState,
         Message,
         OutgoingMessage,
         PublishResult,
         RetryPolicy,
+        StateChange,
         Subscription,
     )
 
@@ -53,10 +55,12 @@ _SDK_NAMES = frozenset(
         "AsyncClient",
         "BlockingSubscription",
         "Client",
+        "ConnectionState",
         "Message",
         "OutgoingMessage",
         "PublishResult",
         "RetryPolicy",
+        "StateChange",
         "Subscription",
     }
 )
@@ -79,6 +83,7 @@ __all__ = [
     "BlockingSubscription",
     "Cancelled",
     "Client",
+    "ConnectionState",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InternalError",
@@ -91,6 +96,7 @@ __all__ = [
     "PushChannelError",
     "ResourceExhausted",
     "RetryPolicy",
+    "StateChange",
     "Subscription",
     "Unauthenticated",
     "Unavailable",

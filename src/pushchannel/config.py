@@ -71,6 +71,16 @@ class ServerConfig:
     grace: float = 10.0
     keepalive_time: float = 20.0
     keepalive_timeout: float = 10.0
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: off
+    log_format: Literal["text", "json"] = "text"
+    # Security (docs/security.md): TLS files, the --auth file, and the per-connection limits.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate it signed
+    auth_file: str | None = None
+    insecure: bool = False  # serve without authentication on a non-loopback address
+    max_concurrent_streams: int = 1000  # per connection (HTTP/2 SETTINGS)
+    max_metadata_size: int = 16 << 10  # bytes of request headers per call
 
     def __post_init__(self) -> None:
         if self.fsync not in ("normal", "full"):
@@ -80,3 +90,17 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen address {self.listen!r} is not HOST:PORT")
+        if self.metrics_listen is not None:
+            host, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"metrics_listen address {self.metrics_listen!r} is not HOST:PORT")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (--tls-client-ca) needs TLS: give --tls-cert and --tls-key")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("max_concurrent_streams must be at least 1")
+        if self.max_metadata_size < 1024:
+            raise ValueError("max_metadata_size must be at least 1024 bytes")

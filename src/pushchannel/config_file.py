@@ -31,7 +31,14 @@ _SIZE_UNITS = {
     "GiB": 1 << 30,
 }
 
-_SERVER_KEYS = {"listen": str, "store": str, "fsync": str, "grace": "duration"}
+_SERVER_KEYS: dict[str, Any] = {
+    "listen": "address",
+    "store": str,
+    "fsync": ("normal", "full"),
+    "grace": "duration",
+    "metrics_listen": "address",
+    "log_format": ("text", "json"),
+}
 _DELIVERY_KEYS = {
     "max_delivery_attempts": int,
     "ack_deadline": "duration",
@@ -50,6 +57,9 @@ _POLICY_KEYS = {
 }
 _LIMIT_KEYS = {f.name: ("size" if f.name == "max_payload" else int) for f in fields(Limits)}
 _LIMIT_KEYS.update({"max_ack_deadline": "duration", "max_ttl": "duration"})
+_SERVER_KEYS.update({"max_concurrent_streams": int, "max_metadata_size": "size"})
+_TLS_KEYS = {"cert": str, "key": str, "client_ca": str}  # [tls]: paths relative to the file
+_AUTH_KEYS = {"file": str, "insecure": bool}  # [auth]
 
 
 class ConfigError(ValueError):
@@ -93,6 +103,15 @@ def _convert(kind: object, value: object) -> Any:
         if not isinstance(value, str):
             raise ValueError("a string")
         return value
+    if kind == "address":
+        host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("an address 'HOST:PORT', such as '127.0.0.1:9464'")
+        return value
+    if isinstance(kind, tuple):  # one of a few words
+        if value not in kind:
+            raise ValueError("one of " + ", ".join(repr(k) for k in kind))
+        return value
     raise AssertionError(kind)
 
 
@@ -129,6 +148,10 @@ class _Reader:
     def table(
         self, data: dict[str, Any], section: str | None, keys: dict[str, Any], index: int = 0
     ) -> dict[str, Any]:
+        if not isinstance(data, dict):  # e.g. `delivery = 5` or `[[delivery]]`
+            line = next((n for n, raw in enumerate(self.lines, 1) if section and section in raw), 0)
+            where = f"{self.path}:{line}" if line else str(self.path)
+            raise ConfigError(f"{where}: {section}: expected a table, [{section}]")
         out: dict[str, Any] = {}
         for key, value in data.items():
             if key not in keys:
@@ -147,6 +170,19 @@ def _policy(base: ChannelPolicy, values: dict[str, Any]) -> ChannelPolicy:
     return replace(base, **values)
 
 
+def _security(r: _Reader, data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """[tls] cert/key/client_ca and [auth] file/insecure, as ServerConfig fields; relative
+    paths are relative to the config file's directory."""
+    tls = r.table(data.get("tls", {}), "tls", _TLS_KEYS)
+    auth = r.table(data.get("auth", {}), "auth", _AUTH_KEYS)
+    out: dict[str, Any] = {f"tls_{k}": str(path.parent / v) for k, v in tls.items()}
+    if "file" in auth:
+        out["auth_file"] = str(path.parent / auth["file"])
+    if "insecure" in auth:
+        out["insecure"] = auth["insecure"]
+    return out
+
+
 def load(path: str | Path, base: ServerConfig | None = None) -> ServerConfig:
     """Read ``path`` over ``base`` (defaults); ConfigError says what is wrong and where."""
     path = Path(path)
@@ -160,12 +196,13 @@ def load(path: str | Path, base: ServerConfig | None = None) -> ServerConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     r = _Reader(path, text)
     cfg = base or ServerConfig()
-    sections = {"delivery", "retention", "limits", "channel"}
+    sections = {"delivery", "retention", "limits", "channel", "tls", "auth"}
     top = {k: v for k, v in data.items() if k not in sections}
     server = r.table(top, None, _SERVER_KEYS)
     delivery = r.table(data.get("delivery", {}), "delivery", _DELIVERY_KEYS)
     retention = r.table(data.get("retention", {}), "retention", _POLICY_KEYS)
     limits = r.table(data.get("limits", {}), "limits", _LIMIT_KEYS)
+    server.update(_security(r, data, path))
     try:
         default_policy = _policy(cfg.broker.default_policy, retention)
     except ValueError as exc:

@@ -254,11 +254,14 @@ async def test_payload_too_large_is_invalid_argument(client: AsyncClient) -> Non
         await client.publish("big", b"x" * (2 << 20))
 
 
-async def test_unreachable_broker_is_unavailable() -> None:
-    async with AsyncClient("127.0.0.1:1") as c:
-        with pytest.raises(pushchannel.Unavailable):
+async def test_unreachable_broker_is_unavailable_after_the_retry_deadline() -> None:
+    retry = pushchannel.RetryPolicy(initial_backoff=0.05, max_backoff=0.2, deadline=0.5)
+    async with AsyncClient("127.0.0.1:1", retry=retry) as c:
+        started = time.monotonic()
+        with pytest.raises(pushchannel.Unavailable, match="gave up"):
             await c.publish("x", b"y")
-        with pytest.raises(pushchannel.Unavailable):
+        assert 0.4 < time.monotonic() - started < WAIT
+        with pytest.raises(pushchannel.Unavailable, match="gave up"):
             await take(c.subscribe("x"), 1)
 
 

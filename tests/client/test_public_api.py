@@ -18,6 +18,7 @@ def test_exported_names_are_pinned() -> None:
         "BlockingSubscription",
         "Cancelled",
         "Client",
+        "ConnectionState",
         "DeadlineExceeded",
         "FailedPrecondition",
         "InternalError",
@@ -30,6 +31,7 @@ def test_exported_names_are_pinned() -> None:
         "PushChannelError",
         "ResourceExhausted",
         "RetryPolicy",
+        "StateChange",
         "Subscription",
         "Unauthenticated",
         "Unavailable",
@@ -37,6 +39,34 @@ def test_exported_names_are_pinned() -> None:
     for name in pushchannel.__all__:
         assert getattr(pushchannel, name) is not None
     assert pushchannel.__version__ == "0.1.0"
+
+
+def test_sdk_names_are_pinned() -> None:
+    import pushchannel.client
+
+    assert sorted(pushchannel.client.__all__) == [
+        "AsyncClient",
+        "Backoff",
+        "BlockingSeedStream",
+        "BlockingSubscription",
+        "Client",
+        "ConnectionState",
+        "Message",
+        "OutgoingMessage",
+        "PublishResult",
+        "Reconnector",
+        "RetryPolicy",
+        "SeedStream",
+        "StateChange",
+        "StateListener",
+        "Subscription",
+        "backoff_ceiling",
+        "blocking_seed_stream",
+        "seed_stream",
+    ]
+    for name in pushchannel.client.__all__:
+        assert getattr(pushchannel.client, name) is not None
+    assert pushchannel.ConnectionState is pushchannel.client.ConnectionState
 
 
 def test_every_error_class_is_exported() -> None:

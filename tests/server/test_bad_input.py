@@ -221,6 +221,7 @@ async def test_ack_of_an_unknown_tag_is_ignored_and_counted(
         pytest.param({"group": ".hidden"}, ["group name"], id="group-leading-dot"),
         pytest.param({"group": "a b"}, ["group name"], id="group-space"),
         pytest.param({"ack_deadline_ms": 12 * 3600 * 1000 + 1}, ["ack deadline"], id="ack-deadline"),
+        pytest.param({"start_seq": (1 << 64) - 1}, ["start seq", "out of range"], id="start-seq-huge"),
     ],
 )
 async def test_bad_open_fields(

@@ -19,9 +19,23 @@ from pushchannel.store.sqlite import SQLiteStore
 
 StoreFactory = Callable[[Path], Store | Awaitable[Store]]
 
+
+def _redis_store(kind: str, path: Path) -> Store:
+    """A store on the session's real redis-server (or 3-node cluster) under a key prefix of its
+    own (skips, or fails in CI, without redis-server: tests/redis_server.py)."""
+    from tests.redis_server import store_url
+
+    url = store_url(kind, path)
+    from pushchannel.store.redis import RedisStore
+
+    return RedisStore(url)
+
+
 STORE_FACTORIES: dict[str, StoreFactory] = {
     "memory": lambda _path: MemoryStore(),
     "sqlite": lambda p: SQLiteStore(f"sqlite:///{p}/db"),
+    "redis": lambda p: _redis_store("redis", p),
+    "redis-cluster": lambda p: _redis_store("redis-cluster", p),
 }
 
 #: Stores that lose everything on close: tests that need persistence skip for them.
@@ -53,12 +67,14 @@ class StoreOpener:
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
+        self.opened = False
         self._open: list[Store] = []
 
     async def __call__(self) -> Store:
         store = await build_store(self.name, self.path)
         await store.start()
         self._open.append(store)
+        self.opened = True
         return store
 
     async def close(self, store: Store) -> None:
@@ -83,6 +99,10 @@ async def store_factory(store_name: str, tmp_path: Path) -> AsyncIterator[StoreO
         yield opener
     finally:
         await opener.close_all()
+        if store_name.startswith("redis") and opener.opened:
+            from tests.redis_server import flush_prefix, prefix_for, store_url
+
+            flush_prefix(store_url(store_name, tmp_path), prefix_for(tmp_path))
 
 
 @pytest.fixture

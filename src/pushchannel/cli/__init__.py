@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pushchannel import __version__
-from pushchannel.cli import messages, serve
+from pushchannel.cli import admin, messages, serve, token
 from pushchannel.cli._common import CommandError, client_options, explain, fail
 from pushchannel.errors import PushChannelError
 
@@ -23,6 +23,9 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` is the harness's own
+        return _bench(argparse.Namespace(argv=argv[1:]))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse cannot take positionals after options (`publish CH --id X MESSAGE`): the
@@ -47,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pushchannel.bench import main as bench_main
+
+    return bench_main(list(args.argv))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushchannel", description="A message push broker over gRPC, and its command-line client."
@@ -56,4 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.register(commands)
     client = client_options()
     messages.register(commands, client)
+    admin.register(commands, client)
+    token.register(commands)
+    bench = commands.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmarks against same-run baselines (pushchannel bench --help)",
+    )
+    bench.add_argument("argv", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     return parser

@@ -50,13 +50,36 @@ def client_options() -> argparse.ArgumentParser:
     client.add_argument(
         "--token", default=os.environ.get("PUSHCHANNEL_TOKEN"), help="bearer token (env PUSHCHANNEL_TOKEN)"
     )
+    client.add_argument(
+        "--retry-for",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up once the broker has been unreachable this long (default: %(default)s; 0: never)",
+    )
+    tls = client.add_argument_group("TLS (any of these turns TLS on)")
+    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    for flag, env, text in (
+        ("--tls-ca", "PUSHCHANNEL_TLS_CA", "trust the broker certificates this CA file (PEM) signed"),
+        ("--tls-cert", "PUSHCHANNEL_TLS_CERT", "mutual TLS: this client certificate (PEM)"),
+        ("--tls-key", "PUSHCHANNEL_TLS_KEY", "mutual TLS: the client certificate's key (PEM)"),
+    ):
+        default = os.environ.get(env) or None
+        tls.add_argument(flag, default=default, metavar="FILE", help=f"{text} (env {env})")
     return client
 
 
 def make_client(args: argparse.Namespace) -> AsyncClient:
-    from pushchannel.client import AsyncClient
+    from pushchannel.client import AsyncClient, RetryPolicy
 
-    return AsyncClient(args.server, token=args.token or None)
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        from pushchannel.server.tls import client_credentials
+
+        tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    # One-shot commands must not wait forever for a broker that is not there.
+    retry = RetryPolicy(deadline=args.retry_for or None)
+    return AsyncClient(args.server, token=args.token or None, tls=tls, retry=retry)
 
 
 def emit(line: str) -> None:

@@ -26,6 +26,15 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             flags["fsync"] = args.fsync
         if args.grace is not None:
             flags["grace"] = args.grace
+        if args.metrics_listen is not None:
+            flags["metrics_listen"] = args.metrics_listen
+        if args.log_format is not None:
+            flags["log_format"] = args.log_format
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_file", "max_concurrent_streams"):
+            if getattr(args, name) is not None:  # security flags (docs/security.md)
+                flags[name] = getattr(args, name)
+        if args.insecure:
+            flags["insecure"] = True
         broker = config.broker
         if args.heartbeat is not None:
             broker = replace(broker, heartbeat_interval=args.heartbeat)
@@ -84,7 +93,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument(
         "--store",
         metavar="URL",
-        help="sqlite:///PATH (default: sqlite:///pushchannel-data/pushchannel.db) or memory://",
+        help="sqlite:///PATH (default: sqlite:///pushchannel-data/pushchannel.db), memory://, "
+        "redis://HOST:PORT/DB or redis+cluster://HOST:PORT (docs/scaling.md)",
     )
     serve.add_argument(
         "--fsync",
@@ -105,5 +115,30 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--discard", choices=["drop-oldest", "reject"], help="on a full channel (default: drop-oldest)"
     )
     serve.add_argument("--max-payload", metavar="SIZE", help="largest payload, e.g. 1MiB (default)")
+    serve.add_argument(
+        "--metrics-listen",
+        nargs="?",
+        const="127.0.0.1:9464",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (alone: 127.0.0.1:9464; default: off)",
+    )
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines on stderr (default: text)")
+    security = serve.add_argument_group("security (docs/security.md)")
+    security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    security.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    security.add_argument(
+        "--tls-client-ca", metavar="FILE", help="mutual TLS: require client certificates signed by this CA"
+    )
+    security.add_argument(
+        "--auth", dest="auth_file", metavar="FILE", help="tokens and JWT keys (TOML); SIGHUP re-reads it"
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow serving without authentication on a non-loopback address",
+    )
+    security.add_argument(
+        "--max-concurrent-streams", type=positive(int), metavar="N", help="per connection (1000)"
+    )
     serve.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     serve.set_defaults(run=run)

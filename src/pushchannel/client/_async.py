@@ -12,9 +12,12 @@ import grpc
 import grpc.aio
 
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
-from pushchannel.client._subscriber import Subscriber, Subscription
+from pushchannel.client._publisher import Publisher
+from pushchannel.client._state import StateListener
+from pushchannel.client._subscriber import Subscriber
+from pushchannel.client._subscription import Subscription
 from pushchannel.client._types import OutgoingMessage, PublishResult, RetryPolicy, as_payload, new_message_id
-from pushchannel.client._wire import BrokerMethods, SubscribeCall, call_metadata, open_channel, translated
+from pushchannel.client._wire import Connection, call_metadata
 
 MAX_BATCH = 1000  # messages per Publish call (SPEC §8)
 # Bytes per Publish call: below gRPC's default 4 MiB receive limit, whatever the broker's is.
@@ -29,8 +32,10 @@ class AsyncClient:
 
     ``target`` is ``host:port``. ``token`` is sent as ``authorization: Bearer <token>`` on
     every call. ``tls`` is ``None`` (plaintext), ``True`` (TLS with the system's roots) or a
-    :func:`grpc.ssl_channel_credentials` object. ``retry`` is accepted for the reconnecting
-    client to come; this version does not retry.
+    :func:`grpc.ssl_channel_credentials` object. ``retry`` says how publishes are retried and
+    subscriptions reopened after transient faults (default: :class:`RetryPolicy`, forever).
+    ``on_state_change`` is called with every :class:`StateChange` of every subscription of
+    this client (on the event loop; keep it short).
 
     Use it as ``async with AsyncClient(...) as client:`` or call :meth:`close`. The gRPC
     channel is made on first use, inside the running event loop.
@@ -43,26 +48,19 @@ class AsyncClient:
         token: str | None = None,
         tls: grpc.ChannelCredentials | bool | None = None,
         retry: RetryPolicy | None = None,
+        on_state_change: StateListener | None = None,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
-        self._tls = tls
         self._metadata = call_metadata(token)
-        self._channel: grpc.aio.Channel | None = None
-        self._methods: BrokerMethods | None = None
+        self._connection = Connection(target, tls, self.retry)
+        self._publisher = Publisher(self._connection, self._metadata, self.retry)
+        self._listeners: tuple[StateListener, ...] = (on_state_change,) if on_state_change else ()
         self._subscribers: set[Subscriber] = set()
         self._closed = False
 
-    def _broker(self) -> BrokerMethods:
-        if self._closed:
-            raise RuntimeError("this pushchannel client is closed")
-        if self._methods is None:
-            self._channel = open_channel(self.target, self._tls)
-            self._methods = BrokerMethods(self._channel)
-        return self._methods
-
     async def __aenter__(self) -> AsyncClient:
-        self._broker()
+        self._connection.channel()
         return self
 
     async def __aexit__(
@@ -77,8 +75,7 @@ class AsyncClient:
         self._closed = True
         subscribers, self._subscribers = self._subscribers, set()
         await asyncio.gather(*(s.close() for s in subscribers))
-        if self._channel is not None:
-            await self._channel.close(grace=None)
+        await self._connection.close()
 
     async def publish(
         self,
@@ -94,6 +91,10 @@ class AsyncClient:
         ``payload`` ``str`` is sent as UTF-8. Without ``id`` the client makes one up (a uuid4),
         so a retry of this very call can never store the message twice. ``ttl`` (seconds): a
         message not delivered within it is dropped.
+
+        A publish that goes unanswered (connection lost, broker restarting) is retried with
+        the same id as the client's :class:`RetryPolicy` says; one that cannot succeed (bad
+        input, permission, a full channel) raises at once.
         """
         message = _encode(OutgoingMessage(payload, id=id, attributes=attributes or {}, ttl=ttl))
         (result,) = await self._publish(channel, [message])
@@ -105,8 +106,9 @@ class AsyncClient:
         """Store many messages on ``channel``, in order; one result per message.
 
         ``messages`` are payloads or :class:`OutgoingMessage`. They go in Publish calls of at
-        most 1000 messages (and about 3 MiB); each call is atomic, calls are made one after
-        the other, so an error leaves the earlier batches stored and the later ones not.
+        most 1000 messages (and about 3 MiB); each call is atomic and retried like
+        :meth:`publish`; calls are made one after the other, so an error leaves the earlier
+        batches stored and the later ones not.
         """
         results: list[PublishResult] = []
         for batch in _batches(_encode(m) for m in messages):
@@ -114,10 +116,9 @@ class AsyncClient:
         return results
 
     async def _publish(self, channel: str, messages: list[pb.Message]) -> list[PublishResult]:
-        request = pb.PublishRequest(channel=channel, messages=messages)
-        with translated():
-            response = await self._broker().publish(request, metadata=self._metadata)
-        return [PublishResult(r.seq, r.duplicate) for r in response.results]
+        if self._closed:
+            raise RuntimeError("this pushchannel client is closed")
+        return await self._publisher.publish(channel, messages)
 
     def subscribe(
         self,
@@ -129,6 +130,7 @@ class AsyncClient:
         max_in_flight: int = 100,
         ack_deadline: float = 30.0,
         auto_ack: bool = False,
+        max_lease: float = 3600.0,
     ) -> Subscription:
         """Subscribe to ``channel``: an async iterator of :class:`Message`.
 
@@ -141,22 +143,33 @@ class AsyncClient:
         groups and broadcast start at new messages). At most ``max_in_flight`` deliveries are unacked
         at once; one not acked within ``ack_deadline`` seconds is delivered again.
         ``auto_ack``: every delivery counts as acked once sent (at-most-once).
+        ``max_lease``: while the application holds a delivery unsettled, the client extends
+        its deadline (``ModifyDeadline``) so a long task is not delivered to someone else;
+        after ``max_lease`` seconds it stops, and the broker delivers the message again.
 
-        The stream opens when iteration starts (or on ``await subscription.open()``).
+        The stream opens when iteration starts (or on ``await subscription.open()``), and is
+        reopened in the same group after transient faults, with the client's retry policy.
         """
         open_request = _open_request(channel, group, broadcast, start, max_in_flight, ack_deadline, auto_ack)
-        return Subscription(self._subscriber(open_request))
+        if not max_lease > 0:
+            raise ValueError("max_lease must be positive")
+        return Subscription(self._subscriber(open_request, max_lease))
 
-    def _subscriber(self, open_request: pb.Open) -> Subscriber:
+    def _subscriber(self, open_request: pb.Open, max_lease: float = 3600.0) -> Subscriber:
         """A Subscriber tied to this client (closed with it); shared with the blocking Client."""
-        broker = self._broker()
-
-        def start_call() -> SubscribeCall:
-            return broker.subscribe(None, metadata=self._metadata)
-
+        if self._closed:
+            raise RuntimeError("this pushchannel client is closed")
         # Forgotten once closed, so a long-lived client that subscribes many times does not
         # keep every old stream alive.
-        subscriber = Subscriber(start_call, open_request, on_close=self._subscribers.discard)
+        subscriber = Subscriber(
+            self._connection,
+            open_request,
+            metadata=self._metadata,
+            policy=self.retry,
+            max_lease=max_lease,
+            listeners=self._listeners,
+            on_close=self._subscribers.discard,
+        )
         self._subscribers.add(subscriber)
         return subscriber
 

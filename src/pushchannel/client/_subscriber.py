@@ -1,238 +1,272 @@
-"""One Subscribe stream: open it, read its delivery batches, batch its acks, close it.
+"""A subscription that survives the network: one :class:`Stream` after another.
 
-:class:`Subscriber` owns exactly one gRPC stream and knows nothing about retrying, so that a
-reconnect state machine can wrap it later. :class:`Subscription` is what the async SDK hands
-out: an async iterator of :class:`Message` over a Subscriber.
+:class:`Subscriber` runs one task that opens a stream, watches it (a broker that sends no
+frame for three heartbeat intervals is taken for gone, and so is the connection under it), and
+when the stream fails with a transient fault asks its :class:`Reconnector` how long to wait
+before opening the next. Deliveries from every stream go to one inbox that the application
+reads, so a reconnect is invisible to it; faults that cannot be retried end the inbox with
+the error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import threading
+import random as _random
 import time
-import weakref
-from collections.abc import Callable
-from types import TracebackType
-
-import grpc.aio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import NamedTuple
 
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
-from pushchannel.client._types import Message, publish_time_from_us
-from pushchannel.client._wire import SubscribeCall, translate
-from pushchannel.errors import Cancelled, InternalError, PushChannelError
+from pushchannel.client._backoff import Clock, Random
+from pushchannel.client._state import ConnectionState, Reconnector, StateChange, StateListener
+from pushchannel.client._stream import Stream, StreamEnd, StreamFailed, serve_forever
+from pushchannel.client._types import Message, RetryPolicy, is_stale
+from pushchannel.client._wire import Connection, Metadata
+from pushchannel.errors import Cancelled, InternalError, PushChannelError, Unavailable
 
-# Delivery batches read ahead of the application; more stay in HTTP/2 flow control.
+# A broker that sends nothing for this many heartbeat intervals is taken for gone.
+HEARTBEAT_MISSES = 3
+# Delivery batches read ahead of an auto-ack application (other subscriptions are bounded by
+# max_in_flight at the broker, and read eagerly so that their leases can be extended).
 _READ_AHEAD = 4
-# How long close() waits for the broker to take the last acks before it cancels the stream.
-_CLOSE_GRACE = 1.0
-
-_Request = pb.SubscribeRequest | None  # None: done writing
 
 
-class AckBatcher:
-    """Collects acks and nacks from any thread and sends them as one request per kind once
-    per event-loop turn, instead of one request per message."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, send: Callable[[pb.SubscribeRequest], None]) -> None:
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._send = send
-        self._lock = threading.Lock()
-        self._acks: list[int] = []
-        self._nacks: dict[tuple[int, str], list[int]] = {}
-        self._scheduled = False
-        self._closed = False
-
-    def ack(self, tag: int) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._acks.append(tag)
-            schedule = not self._scheduled
-            self._scheduled = True
-        if schedule:
-            self._schedule()
-
-    def nack(self, tag: int, delay: float, reason: str) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._nacks.setdefault((round(delay * 1000), reason), []).append(tag)
-            schedule = not self._scheduled
-            self._scheduled = True
-        if schedule:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        if threading.get_ident() == self._loop_thread:
-            self._loop.call_soon(self.flush)
-        else:
-            # The loop may be gone already: then so is the stream, and the ack is moot.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.flush)
-
-    def flush(self, *, final: bool = False) -> None:
-        """Send what is pending; runs on the event loop. ``final``: drop whatever comes later."""
-        with self._lock:
-            if self._closed:
-                return
-            acks, self._acks = self._acks, []
-            nacks, self._nacks = self._nacks, {}
-            self._scheduled = False
-            self._closed = final
-        if acks:
-            self._send(pb.SubscribeRequest(ack=pb.Ack(delivery_tags=acks)))
-        for (delay_ms, reason), tags in nacks.items():
-            self._send(
-                pb.SubscribeRequest(nack=pb.Nack(delivery_tags=tags, delay_ms=delay_ms, reason=reason))
-            )
-
-    def close(self) -> None:
-        """Send what is pending, then drop everything that comes later."""
-        self.flush(final=True)
+class _End(NamedTuple):
+    error: PushChannelError | None  # None: closed by the application
 
 
 class Subscriber:
-    """One Subscribe stream. ``open()`` sends the Open and waits for Opened; ``next_batch()``
-    returns the next deliveries (``None`` once the stream ended or was closed); ``close()``
-    writes the pending acks, ends the stream and its tasks. Not reusable.
+    """One subscription, reopened in the same group whenever its stream fails transiently.
 
-    Opening and closing run as tasks of their own, so a caller that gives up waiting on them
-    (a timeout) neither cancels the gRPC call half-way nor leaves it half-closed.
+    ``open()`` waits for the first ``Opened`` (or the first fault that cannot be retried);
+    ``next_batch()`` returns the next deliveries (``None`` once closed); ``close()`` writes the
+    pending acks and ends the current stream. Deliveries of a stream that failed, not yet
+    handed to the application, are dropped: the broker delivers them again on the next one.
+
+    A broadcast subscription has no durable group to come back to: it reopens from the seq
+    after the last one it received, or, before any delivery, from the broker's time in its
+    last heartbeat, or else from its original ``start``.
     """
 
     def __init__(
         self,
-        start_call: Callable[[], SubscribeCall],
+        connection: Connection,
         open_request: pb.Open,
         *,
+        metadata: Metadata,
+        policy: RetryPolicy,
+        max_lease: float = 3600.0,
+        listeners: Iterable[StateListener] = (),
         on_close: Callable[[Subscriber], None] | None = None,
+        random: Random = _random.random,
+        clock: Clock = time.monotonic,
     ) -> None:
-        self._start_call = start_call
-        self._on_close = on_close
+        self._connection = connection
         self._open_request = open_request
+        self._metadata = metadata
+        self._policy = policy
+        self._max_lease = max_lease
+        self._on_close = on_close
+        self._clock = clock
+        self._broadcast = open_request.mode == pb.Open.BROADCAST
+        self._auto_ack = open_request.auto_ack
+        # Only the broker's redelivery makes a dead stream's deliveries safe to drop.
+        self._drops_stale = not self._broadcast and not self._auto_ack
+        self._machine = Reconnector(
+            _subject(open_request), policy, listeners=listeners, random=random, clock=clock
+        )
+        self._inbox: asyncio.Queue[list[Message] | _End] = asyncio.Queue()
+        self._space = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._call: SubscribeCall | None = None
-        self._requests: asyncio.Queue[_Request] = asyncio.Queue()
-        self._inbox: asyncio.Queue[list[Message] | PushChannelError | None] = asyncio.Queue(_READ_AHEAD)
-        self._batcher: AckBatcher | None = None
-        self._opening: asyncio.Task[pb.Opened] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._first_open: asyncio.Future[pb.Opened] | None = None
+        self._stream: Stream | None = None
         self._closing: asyncio.Task[None] | None = None
         self._closed = False
-        self._ended: PushChannelError | None = None
+        self._failed: PushChannelError | None = None
         self._eof = False
-        self._last_settle_write: float | None = None
+        self._last_seq = 0
+        self._resume_time_us: int | None = None
         self.opened: pb.Opened | None = None
-        self.last_frame_time: float | None = None  # time.monotonic() of the last frame read
 
+    # -- what the application's side sees --------------------------------------------------------
     @property
     def closed(self) -> bool:
         """True from the moment close() was called."""
         return self._closed
 
+    @property
+    def state(self) -> ConnectionState:
+        return self._machine.state
+
+    @property
+    def last_frame_time(self) -> float | None:
+        stream = self._stream
+        return stream.last_frame_time if stream is not None else None
+
+    def add_listener(self, listener: StateListener) -> Callable[[], None]:
+        return self._machine.add_listener(listener)
+
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        return self._machine.changes()
+
+    def usable(self, message: Message) -> bool:
+        """False for a delivery whose stream failed before the application got it: the broker
+        delivers it again on the next stream. Any thread."""
+        return not (self._drops_stale and is_stale(message))
+
     async def open(self) -> pb.Opened:
-        """Open the stream (once); raises the broker's refusal as a PushChannelError."""
-        if self._opening is None:
+        """Start the subscription and wait until its first stream is open; raises the fault
+        that cannot be retried (or :class:`~pushchannel.Unavailable` once the retry deadline
+        passed) as a PushChannelError."""
+        first_open = self._start()
+        return await asyncio.shield(first_open)
+
+    async def next_batch(self) -> list[Message] | None:
+        """The next deliveries, at least one; ``None`` once closed. Cancelling a wait for it
+        loses nothing."""
+        if self._failed is not None:
+            raise self._failed
+        if self._eof or self._closed:
+            return None
+        self._start()
+        while True:
+            item = await self._inbox.get()
+            self._space.set()
+            if isinstance(item, _End):
+                if item.error is None or self._closed:
+                    self._eof = True
+                    return None
+                self._failed = item.error
+                raise item.error
+            if self._closed:
+                self._eof = True
+                return None
+            batch = [m for m in item if self.usable(m)] if self._drops_stale else item
+            if batch:
+                return batch
+
+    # -- the reconnect loop ----------------------------------------------------------------------
+    def _start(self) -> asyncio.Future[pb.Opened]:
+        if self._first_open is None:
             if self._closed:
                 raise RuntimeError("this subscription is closed")
             self._loop = loop = asyncio.get_running_loop()
-            self._opening = loop.create_task(self._open(), name="pushchannel-subscribe-open")
-            self._opening.add_done_callback(_retrieve)
-        opening = self._opening
+            self._first_open = loop.create_future()
+            self._first_open.add_done_callback(_retrieve)
+            self._runner = loop.create_task(self._run(), name="pushchannel-subscribe-run")
+        return self._first_open
+
+    async def _run(self) -> None:
+        error: PushChannelError
         try:
-            return await asyncio.shield(opening)
+            error = await serve_forever(self._machine, self._policy, self._serve_one)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if opening.cancelled() and (current is None or not current.cancelling()):
-                raise Cancelled("the subscription was closed while it was opening") from None
-            raise
+            raise  # close() takes it from here
+        except Exception as e:  # a bug: end the subscription visibly rather than spin
+            error = InternalError(f"the subscription failed: {e!r}")
+            error.__cause__ = e
+        self._machine.closed(error)
+        self._settle_first_open(error)
+        self._inbox.put_nowait(_End(error))
 
-    async def _open(self) -> pb.Opened:
-        loop = asyncio.get_running_loop()
-        self._call = call = self._start_call()
+    async def _serve_one(self) -> StreamEnd:
+        """Open one stream and serve it until it ends; how it ended."""
+        generation, broker = self._connection.broker()
+        stream = Stream(
+            broker.subscribe(None, metadata=self._metadata),
+            self._next_open_request(),
+            self._deliver,
+            max_lease=self._max_lease,
+            clock=self._clock,
+        )
+        self._stream = stream
         try:
-            await call.write(pb.SubscribeRequest(open=self._open_request))
-            first = await call.read()
-        except grpc.aio.AioRpcError as e:
-            raise translate(e) from e
-        if not isinstance(first, pb.SubscribeResponse) or first.WhichOneof("kind") != "opened":
-            call.cancel()
-            raise InternalError("the broker answered Subscribe without Opened")
-        self.last_frame_time = time.monotonic()
-        self.opened = first.opened
-        sink = None if self._open_request.auto_ack else AckBatcher(loop, self._requests.put_nowait)
-        self._batcher = sink
-        self._reader = loop.create_task(self._read_loop(call, sink), name="pushchannel-subscribe-read")
-        self._writer = loop.create_task(self._write_loop(call), name="pushchannel-subscribe-write")
-        return self.opened
-
-    async def next_batch(self) -> list[Message] | None:
-        """The next deliveries, at least one; ``None`` at the end of the stream. Cancelling a
-        wait for it loses nothing."""
-        if self._ended is not None:
-            raise self._ended
-        if self._eof or self._closed:
-            return None
-        if self.opened is None:
-            try:
-                await self.open()
-            except Cancelled:
-                if self._closed:
-                    return None
-                raise
-        item = await self._inbox.get()
-        if isinstance(item, PushChannelError):
-            self._ended = item
-            raise item
-        if item is None or self._closed:
-            self._eof = True
-            return None
-        return item
-
-    async def _read_loop(self, call: SubscribeCall, sink: AckBatcher | None) -> None:
-        # A dedicated reader: a pending call.read() that gets cancelled cancels the whole gRPC
-        # call, so the application's waits must never be the ones reading.
-        end: PushChannelError | None = None
-        try:
-            while True:
-                response = await call.read()
-                if not isinstance(response, pb.SubscribeResponse):  # grpc.aio.EOF
-                    break
-                self.last_frame_time = time.monotonic()
-                # While closing, deliveries are dropped: unacked, the broker sends them again.
-                if response.WhichOneof("kind") == "deliveries" and not self._closed:
-                    batch = [_message(d, sink) for d in response.deliveries.deliveries]
-                    if batch:
-                        await self._inbox.put(batch)
-                # Heartbeats only refresh last_frame_time; a repeated Opened means nothing.
-        except grpc.aio.AioRpcError as e:
-            end = translate(e)
+            end = await self._open_and_watch(stream)
         except asyncio.CancelledError:
-            if self._closed:  # our own close() cancelled the call or this task
-                return
+            raise  # closing: close() ends the stream, gracefully if it opened
+        except BaseException:
+            await stream.kill()
             raise
-        if not self._closed:
-            await self._inbox.put(end)
+        await stream.kill()
+        self._stream = None
+        if end.dead_connection:
+            self._connection.replace(generation)
+        if stream.last_heartbeat_us is not None:
+            self._resume_time_us = stream.last_heartbeat_us
+        return end
 
-    async def _write_loop(self, call: SubscribeCall) -> None:
+    async def _open_and_watch(self, stream: Stream) -> StreamEnd:
+        timeout = self._policy.attempt_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                opened = await stream.open()
+        except StreamFailed as e:
+            return e.end
+        except TimeoutError:
+            return StreamEnd(Unavailable(f"no answer to Subscribe within {timeout:g} s"), True, True)
+        self.opened = opened
+        self._machine.ready()
+        self._settle_first_open(None)
+        return await self._watch(stream)
+
+    async def _watch(self, stream: Stream) -> StreamEnd:
+        """Wait for the stream to end, or for the broker to miss three heartbeats."""
+        interval = stream.heartbeat_interval
+        if interval is None:  # a broker that sends none: only gRPC keepalive watches
+            end = await stream.wait_end(None)
+            assert end is not None
+            return end
+        limit = HEARTBEAT_MISSES * interval
         while True:
-            request = await self._requests.get()
-            try:
-                if request is None:
-                    await call.done_writing()
-                    return
-                await call.write(request)
-                self._last_settle_write = time.monotonic()
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                return  # the stream ended; the reader reports why
+            silent = stream.silent_for()
+            if silent >= limit:
+                message = f"no frame from the broker for {silent:.1f} s (heartbeat every {interval:g} s)"
+                return StreamEnd(Unavailable(message), True, True)
+            wait = limit - silent
+            started = self._clock()
+            end = await stream.wait_end(wait)
+            if end is not None:
+                return end
+            if self._clock() - started > wait + interval:
+                # The event loop was stalled (by the application, or a paused process): the
+                # reader could not read either, so the silence proves nothing. Start over.
+                stream.excuse_silence()
 
+    def _next_open_request(self) -> pb.Open:
+        if not self._broadcast or (not self._last_seq and self._resume_time_us is None):
+            return self._open_request
+        request = pb.Open()
+        request.CopyFrom(self._open_request)
+        if self._last_seq:
+            request.start_seq = self._last_seq + 1
+        elif self._resume_time_us is not None:
+            request.start_time_ms = self._resume_time_us // 1000
+        return request
+
+    async def _deliver(self, batch: list[Message]) -> None:
+        if self._auto_ack:
+            while self._inbox.qsize() >= _READ_AHEAD:
+                self._space.clear()
+                await self._space.wait()
+        self._inbox.put_nowait(batch)
+        if self._broadcast:
+            self._last_seq = max(self._last_seq, max(m.seq for m in batch))
+
+    def _settle_first_open(self, error: PushChannelError | None) -> None:
+        first_open = self._first_open
+        if first_open is None or first_open.done():
+            return
+        if error is not None:
+            first_open.set_exception(error)
+        elif self.opened is not None:
+            first_open.set_result(self.opened)
+
+    # -- closing ---------------------------------------------------------------------------------
     async def close(self) -> None:
-        """End the stream: write the pending acks, half-close, give the broker up to a second
-        to take the acks and end the call, then cancel it. Idempotent; concurrent callers all
+        """End the subscription: write the pending acks, end the stream (giving the broker up
+        to a second to take the acks), stop reconnecting. Idempotent; concurrent callers all
         wait for the same close."""
         self._closed = True
         if self._closing is None:
@@ -240,12 +274,13 @@ class Subscriber:
         await asyncio.shield(self._closing)
 
     def close_soon(self) -> None:
-        """Start close() from any thread without waiting, e.g. for a Subscription that was
+        """Start close() from any thread without waiting, e.g. for a subscription that was
         dropped without being closed."""
         if self._closed:
             return
-        if self._loop is None:  # never opened: nothing runs, nothing to wait for
+        if self._loop is None:  # never started: nothing runs, nothing to wait for
             self._closed = True
+            self._machine.closed()
             if self._on_close is not None:
                 self._on_close(self)
             return
@@ -260,121 +295,33 @@ class Subscriber:
 
     async def _close(self) -> None:
         try:
-            if self._opening is not None and not self._opening.done():
-                self._opening.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._opening
-            if self._batcher is not None:
-                self._batcher.close()
-            # Nobody will read what is queued now; making room unblocks the reader, so it can
-            # see the broker end the call.
+            runner = self._runner
+            if runner is not None and not runner.done():
+                runner.cancel()
+                await asyncio.wait([runner])
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                await (stream.close() if stream.opened is not None else stream.kill())
+            self._machine.closed()
+            if self._first_open is not None and not self._first_open.done():
+                self._first_open.set_exception(Cancelled("the subscription was closed while it was opening"))
+            # Nobody will read what is queued now; wake a caller waiting in next_batch().
             while not self._inbox.empty():
                 self._inbox.get_nowait()
-            if self._writer is not None and self._reader is not None:
-                await self._half_close(self._writer, self._reader)
-            if self._call is not None:
-                self._call.cancel()
-            for task in (self._writer, self._reader):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            # Wake a caller waiting in next_batch(); it sees `closed` and ends.
-            with contextlib.suppress(asyncio.QueueFull):
-                self._inbox.put_nowait(None)
+            self._inbox.put_nowait(_End(None))
+            self._space.set()
         finally:
             if self._on_close is not None:
                 self._on_close(self)
 
-    async def _half_close(self, writer: asyncio.Task[None], reader: asyncio.Task[None]) -> None:
-        # Cancelling the call at once could drop acks the broker has received but not yet
-        # processed. After a half-close the broker handles every request before it, then ends
-        # the call; wait for that, for a while, when acks went out lately.
-        self._requests.put_nowait(None)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_CLOSE_GRACE):
-                await asyncio.shield(writer)
-                last = self._last_settle_write
-                if last is not None and time.monotonic() - last < _CLOSE_GRACE:
-                    await asyncio.shield(reader)
 
-
-def _retrieve(task: asyncio.Task[pb.Opened]) -> None:
+def _retrieve(future: asyncio.Future[pb.Opened]) -> None:
     # A failed open is reported to whoever awaits it; if nobody does, do not log it as lost.
-    if not task.cancelled():
-        task.exception()
+    if not future.cancelled():
+        future.exception()
 
 
-def _message(d: pb.Delivery, sink: AckBatcher | None) -> Message:
-    return Message(
-        channel=d.channel,
-        seq=d.seq,
-        id=d.id,
-        payload=d.payload,
-        attributes=dict(d.attributes),
-        publish_time=publish_time_from_us(d.publish_time_us),
-        attempt=d.attempt,
-        delivery_tag=d.delivery_tag,
-        sink=sink,
-    )
-
-
-class Subscription:
-    """An async iterator of :class:`Message` on one channel.
-
-    The stream opens on ``await sub.open()``, on entering ``async with``, or on the first
-    ``__anext__``. Breaking out of ``async for``, ``aclose()`` or leaving ``async with`` ends
-    the stream (a dropped subscription is closed in the background); deliveries not acked by
-    then are delivered again. A timeout on ``anext(sub)`` loses nothing and leaves the stream
-    open. Iteration ends quietly when the client is closed, and raises a
-    :class:`~pushchannel.PushChannelError` when the broker ends the stream with an error.
-    """
-
-    def __init__(self, subscriber: Subscriber) -> None:
-        self._subscriber = subscriber
-        self._buffer: collections.deque[Message] = collections.deque()
-        # Holds the Subscriber, not this object: it runs when the application drops us.
-        self._finalizer = weakref.finalize(self, subscriber.close_soon)
-        self._finalizer.atexit = False
-
-    async def open(self) -> None:
-        """Open the stream now (it opens by itself on the first message otherwise), so that
-        a subscription starting at ``"new"`` sees everything published after this returns."""
-        await self._subscriber.open()
-
-    @property
-    def group(self) -> str | None:
-        """The group's name as the broker reported it (broadcast: the anonymous group)."""
-        opened = self._subscriber.opened
-        return opened.group if opened is not None else None
-
-    @property
-    def last_frame_time(self) -> float | None:
-        """``time.monotonic()`` when the broker last sent anything, heartbeats included."""
-        return self._subscriber.last_frame_time
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        if not self._buffer:
-            batch = await self._subscriber.next_batch()
-            if batch is None:
-                raise StopAsyncIteration
-            self._buffer.extend(batch)
-        return self._buffer.popleft()
-
-    async def aclose(self) -> None:
-        """End the stream. Idempotent."""
-        self._finalizer.detach()
-        self._buffer.clear()
-        await self._subscriber.close()
-
-    async def __aenter__(self) -> Subscription:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
+def _subject(request: pb.Open) -> str:
+    if request.mode == pb.Open.BROADCAST:
+        return f"subscribe {request.channel} (broadcast)"
+    return f"subscribe {request.channel} (group {request.group or 'default'})"

@@ -40,19 +40,32 @@ class OutgoingMessage:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How the client will retry and reconnect: exponential backoff with full jitter from
-    ``initial_backoff`` doubling to ``max_backoff``, forever unless ``deadline`` (seconds) is
-    set. Accepted now; the first cut of the SDK does not reconnect yet."""
+    """How the client retries publishes and reopens subscriptions.
+
+    After the n-th consecutive failure it waits a random time between 0 and
+    ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` seconds ("full jitter", so
+    that a thousand hosts cut off together do not come back together). ``deadline``: give up
+    (raise :class:`~pushchannel.Unavailable`) once an operation has been failing for this many
+    seconds; ``None`` (the default) retries forever. ``attempt_timeout``: how long one attempt
+    may go unanswered (a publish call, or a Subscribe waiting for the broker's ``Opened``)
+    before it counts as failed and is retried.
+    """
 
     initial_backoff: float = 0.1
     max_backoff: float = 30.0
+    multiplier: float = 2.0
     deadline: float | None = None
+    attempt_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_backoff <= self.max_backoff:
             raise ValueError("RetryPolicy needs 0 < initial_backoff <= max_backoff")
+        if self.multiplier < 1:
+            raise ValueError("RetryPolicy.multiplier must be at least 1")
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError("RetryPolicy.deadline must be positive")
+        if self.attempt_timeout <= 0:
+            raise ValueError("RetryPolicy.attempt_timeout must be positive")
 
 
 class AckSink(Protocol):
@@ -87,8 +100,9 @@ class Message:
 
     ``publish_time`` is a timezone-aware UTC :class:`~datetime.datetime`. ``attempt`` is 1 on
     the first delivery. Call :meth:`ack` when done with it or :meth:`nack` to have it delivered
-    again; settling a message whose subscription has closed is harmless (the broker delivers
-    it again anyway), and settling it twice does nothing the second time.
+    again; settling a message whose subscription has closed, or whose stream failed and was
+    replaced, does nothing and is harmless (the broker delivers it again anyway), and settling
+    it twice does nothing the second time.
     """
 
     __slots__ = (
@@ -153,6 +167,12 @@ class Message:
             f"payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''}, "
             f"attempt={self.attempt})"
         )
+
+
+def is_stale(message: Message) -> bool:
+    """Whether the stream that carried ``message`` has ended (settling it does nothing)."""
+    sink = message._sink
+    return sink is not None and getattr(sink, "closed", False) is True
 
 
 def publish_time_from_us(us: int) -> datetime:

@@ -1,8 +1,10 @@
-"""Where the SDK meets gRPC: the channel, its options, the typed method handles, and the one
-place gRPC errors are turned into the pushchannel error tree."""
+"""Where the SDK meets gRPC: the channel, its options, the typed method handles, which failures
+are worth retrying, and the one place gRPC errors are turned into the pushchannel error tree."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,19 +12,71 @@ import grpc
 import grpc.aio
 
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
+from pushchannel.client._types import RetryPolicy
 from pushchannel.errors import PushChannelError, error_for_code
 
 _MiB = 1 << 20
 
 # Long-lived streams through NAT and proxies: ping every 20 s, give up 10 s later (SPEC §3).
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+# The broker accepts pings down to 5 s apart (server/app.py), so these never earn a GOAWAY
+# too_many_pings; permit_without_calls keeps an idle producer's NAT mapping alive too.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+)
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    *KEEPALIVE_OPTIONS,
     ("grpc.max_send_message_length", 16 * _MiB),
     ("grpc.max_receive_message_length", 16 * _MiB),
 )
+
+# Failures that say "this request cannot succeed as it is": raised at once, never retried.
+_FINAL = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+def retryable(code: grpc.StatusCode, *, publish: bool) -> bool:
+    """Whether a call that failed with ``code`` may succeed when tried again.
+
+    Everything but bad input and missing rights is: UNAVAILABLE, a deadline, a stream CANCELLED
+    by an overloaded broker before it opened, and the INTERNAL/UNKNOWN that gRPC reports for a
+    connection reset mid-call. A publish is safe to retry because its messages carry ids; it is
+    not retried on RESOURCE_EXHAUSTED (a full channel, a frame too large), which needs a person.
+    """
+    if code in _FINAL:
+        return False
+    return not (publish and code is grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def cancelled_under_us() -> bool:
+    """Called on a CancelledError: True when it came from the gRPC call being cancelled (its
+    channel was closed, e.g. replaced as dead), which grpc.aio raises as CancelledError, rather
+    than from the running task being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+def channel_options(policy: RetryPolicy) -> tuple[tuple[str, int], ...]:
+    """The channel's options: keepalive, frame limits, and gRPC's own reconnect backoff kept
+    within ours (its default grows to 120 s, which would outlast our ``max_backoff``)."""
+    return (
+        *CHANNEL_OPTIONS,
+        ("grpc.initial_reconnect_backoff_ms", max(1, round(policy.initial_backoff * 1000))),
+        ("grpc.max_reconnect_backoff_ms", max(1, round(policy.max_backoff * 1000))),
+    )
+
 
 _SERVICE = "/pushchannel.v1.Broker/"
 
@@ -32,12 +86,71 @@ SubscribeCall = grpc.aio.StreamStreamCall[pb.SubscribeRequest, pb.SubscribeRespo
 Metadata = tuple[tuple[str, str], ...]
 
 
-def open_channel(target: str, tls: grpc.ChannelCredentials | bool | None) -> grpc.aio.Channel:
+def open_channel(
+    target: str, tls: grpc.ChannelCredentials | bool | None, policy: RetryPolicy | None = None
+) -> grpc.aio.Channel:
     """A grpc.aio channel; must be called with the event loop running."""
+    options = channel_options(policy or RetryPolicy())
     if tls is None or tls is False:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=options)
     credentials = grpc.ssl_channel_credentials() if tls is True else tls
-    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+class Connection:
+    """The client's gRPC channel, which a stream may declare dead.
+
+    gRPC keeps using a TCP connection until keepalive gives up on it (30 s). A subscription
+    that hears nothing for three heartbeat intervals knows sooner: it calls :meth:`replace`
+    with the generation it used, and the next call gets a fresh channel (a new connection)
+    while the old one is closed in the background, cancelling whatever still runs on it.
+    Several streams noticing the same dead connection replace it once.
+    """
+
+    def __init__(self, target: str, tls: grpc.ChannelCredentials | bool | None, policy: RetryPolicy) -> None:
+        self.target = target
+        self._tls = tls
+        self._policy = policy
+        self._generation = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._methods: BrokerMethods | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def channel(self) -> tuple[int, grpc.aio.Channel]:
+        """The current channel and its generation; made on first use (in the running loop)."""
+        if self.closed:
+            raise RuntimeError("this pushchannel client is closed")
+        if self._channel is None:
+            self._channel = open_channel(self.target, self._tls, self._policy)
+        return self._generation, self._channel
+
+    def broker(self) -> tuple[int, BrokerMethods]:
+        """The Broker service's methods on the current channel, and its generation."""
+        generation, channel = self.channel()
+        if self._methods is None:
+            self._methods = BrokerMethods(channel)
+        return generation, self._methods
+
+    def replace(self, generation: int) -> None:
+        """The channel of ``generation`` is dead: the next call gets a new one."""
+        if generation != self._generation or self._channel is None or self.closed:
+            return
+        old, self._channel, self._methods = self._channel, None, None
+        self._generation += 1
+        task = asyncio.get_running_loop().create_task(old.close(grace=None), name="pushchannel-channel-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close the channel (cancelling its calls). Idempotent."""
+        self.closed = True
+        channel, self._channel, self._methods = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=None)
+        for task in list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
 
 
 def call_metadata(token: str | None) -> Metadata:

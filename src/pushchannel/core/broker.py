@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pushchannel.config import BrokerConfig
 from pushchannel.core import validation
 from pushchannel.core.dispatch import BroadcastFeeder, GroupDispatcher, Pump
+from pushchannel.core.hooks import BrokerHooks, HookChain
 from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
 from pushchannel.core.subscription import SubscribeParams, Subscription
 from pushchannel.errors import NotFound, PushChannelError, Unavailable
@@ -24,8 +25,8 @@ log = logging.getLogger("pushchannel.broker")
 
 
 @dataclass(slots=True)
-class BrokerStats:
-    """Counters since start; the metrics layer reads them."""
+class BrokerStats(BrokerHooks):
+    """Counters since start: the first of the broker's hooks (``Broker.hooks``)."""
 
     published: int = 0
     duplicates: int = 0
@@ -37,6 +38,29 @@ class BrokerStats:
     expired: int = 0
     unknown_acks: int = 0
     expired_by_channel: dict[str, int] = field(default_factory=dict)
+
+    def on_publish(self, channel: str, stored: int, duplicates: int, seconds: float) -> None:
+        self.published += stored
+        self.duplicates += duplicates
+
+    def on_deliver(self, channel: str, group: str, messages: Sequence[Stored], now: float) -> None:
+        self.delivered += len(messages)
+
+    def on_ack(self, channel: str, group: str, n: int) -> None:
+        self.acked += n
+
+    def on_nack(self, channel: str, group: str, n: int) -> None:
+        self.nacked += n
+
+    def on_redeliver(self, channel: str, group: str, n: int) -> None:
+        self.redelivered += n
+
+    def on_dead_letter(self, channel: str, group: str, n: int) -> None:
+        self.dead_lettered += n
+
+    def on_expired(self, channel: str, n: int) -> None:
+        self.expired += n
+        self.expired_by_channel[channel] = self.expired_by_channel.get(channel, 0) + n
 
 
 class ChannelHub:
@@ -86,14 +110,19 @@ class ChannelHub:
 class Broker:
     """Publish, subscribe, ack: the semantics of SPEC §3 over a Store."""
 
-    def __init__(self, store: Store, config: BrokerConfig | None = None) -> None:
+    def __init__(
+        self, store: Store, config: BrokerConfig | None = None, hooks: Sequence[BrokerHooks] = ()
+    ) -> None:
         self.store = store
         self.config = config or BrokerConfig()
         self.stats = BrokerStats()
+        #: Every event goes here: the counters first, then the given hooks (metrics, logs).
+        self.hooks: BrokerHooks = HookChain(self.stats, *hooks)
         self.node_id = os.urandom(3).hex()
         self._ids = itertools.count(1)
         self._hubs: dict[str, ChannelHub] = {}
         self._touched: set[str] = set()
+        self._age_due: dict[str, float] = {}  # channel -> when its oldest message passes max_age
         self._retention_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -104,6 +133,16 @@ class Broker:
 
     async def close(self, reason: PushChannelError | None = None) -> None:
         """Stop every subscription (their streams end with ``reason``) and the store."""
+        await self.drain(reason)
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention_task
+        await self.store.close()
+
+    async def drain(self, reason: PushChannelError | None = None) -> None:
+        """Refuse new publishes and subscriptions and end every subscription with ``reason``;
+        publishes already past the door finish, and the store stays open for them."""
         self._closing = True
         err = reason or Unavailable("the broker is shutting down: reconnect")
         for hub in list(self._hubs.values()):
@@ -112,14 +151,17 @@ class Broker:
         for hub in list(self._hubs.values()):
             for sub in hub.subscriptions():
                 await self.close_subscription(sub)
-        if self._retention_task is not None:
-            self._retention_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention_task
-        await self.store.close()
 
     def log_error(self, where: str, channel: str, exc: BaseException) -> None:
-        log.error("error in %s on channel %s: %s", where, channel, exc, exc_info=exc)
+        log.error(
+            "%s failed on channel %s: %s",
+            where,
+            channel,
+            exc,
+            exc_info=exc,
+            extra={"event": "error", "where": where, "channel": channel},
+        )
+        self.hooks.on_error(where, channel, exc)
 
     # -- publishing ------------------------------------------------------------------------------
     async def publish(self, channel: str, messages: Sequence[NewMessage]) -> list[AppendResult]:
@@ -128,10 +170,10 @@ class Broker:
         validation.check_messages(messages, cfg.limits)
         if self._closing:
             raise Unavailable("the broker is shutting down: publish to another node or retry")
+        started = time.perf_counter()
         results = await self.store.append(channel, messages, time.time(), cfg.policy_for(channel))
         dups = sum(1 for r in results if r.duplicate)
-        self.stats.published += len(results) - dups
-        self.stats.duplicates += dups
+        self.hooks.on_publish(channel, len(results) - dups, dups, time.perf_counter() - started)
         if dups < len(results):
             self._touched.add(channel)
             self.notify_appended(channel, max(r.seq for r in results))
@@ -149,6 +191,7 @@ class Broker:
         validation.check_group(params.group, cfg.limits)
         validation.check_in_flight(params.max_in_flight, cfg.limits)
         validation.check_ack_deadline(params.ack_deadline, cfg.limits)
+        validation.check_start(params.start)
         if self._closing:
             raise Unavailable("the broker is shutting down: reconnect to another node")
         store, channel, now = self.store, params.channel, time.time()
@@ -179,14 +222,7 @@ class Broker:
                 dispatcher = hub.dispatchers[group] = GroupDispatcher(self, hub, group)
             dispatcher.subs.append(sub)
             dispatcher.kick()
-        log.info(
-            "subscription opened: id=%s peer=%s channel=%s group=%s mode=%s",
-            sub_id,
-            peer,
-            channel,
-            group,
-            "broadcast" if params.broadcast else "queue",
-        )
+        self.hooks.on_subscribe(sub)
         return sub
 
     async def close_subscription(self, sub: Subscription) -> None:
@@ -199,14 +235,17 @@ class Broker:
         # Bookkeeping first, without awaits (see subscribe); the store calls after.
         stopping: list[Pump] = []
         dispatcher: GroupDispatcher | None = None
+        removed = False  # the servicer and drain() may both close one subscription
         if sub.broadcast:
             feeder = hub.feeders.pop(sub.id, None)
             if feeder is not None:
                 stopping.append(feeder)
+                removed = True
         else:
             dispatcher = hub.dispatchers.get(sub.group)
             if dispatcher is not None and sub in dispatcher.subs:
                 dispatcher.subs.remove(sub)
+                removed = True
                 if not dispatcher.subs:
                     del hub.dispatchers[sub.group]
                     stopping.append(dispatcher)
@@ -216,6 +255,8 @@ class Broker:
             del self._hubs[sub.channel]
             if hub.watcher is not None:
                 hub.watcher.cancel()
+        if removed:
+            self.hooks.on_unsubscribe(sub)
         if dispatcher is not None and seqs:
             now = time.time()
             try:
@@ -229,7 +270,6 @@ class Broker:
                 successor.kick()
         for pump in stopping:
             await pump.stop()
-        log.info("subscription closed: id=%s peer=%s channel=%s", sub.id, sub.peer, sub.channel)
 
     async def ack(self, sub: Subscription, tags: list[int]) -> int:
         seqs, unknown = sub.settle(tags)
@@ -238,14 +278,14 @@ class Broker:
         if seqs and not sub.broadcast:
             n = await self.store.ack(sub.channel, sub.group, seqs)
             self._touched.add(sub.channel)
-        self.stats.acked += len(seqs)
+        self.hooks.on_ack(sub.channel, sub.group, len(seqs))
         self._kick(sub)
         return n
 
     async def nack(self, sub: Subscription, tags: list[int], delay: float, reason: str) -> int:
         seqs, unknown = sub.settle(tags)
         self.stats.unknown_acks += unknown
-        self.stats.nacked += len(seqs)
+        self.hooks.on_nack(sub.channel, sub.group, len(seqs))
         if not seqs or sub.broadcast:
             self._kick(sub)
             return 0
@@ -292,9 +332,7 @@ class Broker:
             pump.kick()
 
     def count_expired(self, channel: str, n: int) -> None:
-        self.stats.expired += n
-        by = self.stats.expired_by_channel
-        by[channel] = by.get(channel, 0) + n
+        self.hooks.on_expired(channel, n)
 
     # -- admin -----------------------------------------------------------------------------------
     async def channel_stats(self, channel: str) -> tuple[ChannelStats, list[Subscription]]:
@@ -338,9 +376,14 @@ class Broker:
     async def trim(self, channel: str) -> None:
         hub = self._hubs.get(channel)
         keep_from = hub.broadcast_floor() if hub is not None else None
-        report = await self.store.trim(channel, self.config.policy_for(channel), time.time(), keep_from)
+        policy = self.config.policy_for(channel)
+        report = await self.store.trim(channel, policy, time.time(), keep_from)
         if report.expired:
             self.count_expired(channel, report.expired)
+        if report.oldest:  # come back when the oldest message passes max_age, even if all is quiet
+            self._age_due[channel] = report.oldest + policy.max_age
+        else:
+            self._age_due.pop(channel, None)
 
     async def _retention_loop(self) -> None:
         interval = self.config.retention_interval
@@ -352,6 +395,8 @@ class Broker:
                     self._touched.update(await self.store.channels())
                 except Exception as exc:
                     self.log_error("retention", "*", exc)
+            now = time.time()
+            self._touched.update(c for c, due in self._age_due.items() if due <= now)
             touched, self._touched = self._touched, set()
             for channel in touched:
                 try:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 _log_name = "pushchannel.dispatch"
 
 
+def _by_seq(m: Stored) -> int:
+    return m.seq
+
+
 class Pump:
     """Runs ``pump_once`` in a task while it makes progress or is kicked again."""
 
@@ -133,6 +137,7 @@ class GroupDispatcher(Pump):
                 else:
                     self._next_due = now  # more may be due
                 if claimed:
+                    claimed.sort(key=_by_seq)  # redeliveries that fell due together go in order
                     batch = await self._screen(claimed, now, redelivery=True)
             room = credit - len(batch)
             if room > 0 and self.hub.last_seq > self._exhausted_at:
@@ -150,7 +155,7 @@ class GroupDispatcher(Pump):
                     continue
                 sub.push(batch, deadline)
                 self.note_deadline(deadline)
-                broker.stats.delivered += len(batch)
+                broker.hooks.on_deliver(channel, group, batch, now)
         return progressed
 
     async def _screen(self, msgs: list[Stored], now: float, *, redelivery: bool) -> list[Stored]:
@@ -161,7 +166,7 @@ class GroupDispatcher(Pump):
         if redelivery:
             limit = broker.config.max_delivery_attempts
             dead = [m for m in msgs if m.attempt > limit and not m.expired(now)]
-            broker.stats.redelivered += len(msgs)
+            broker.hooks.on_redeliver(self.channel, self.group, len(msgs))
         if not expired and not dead:
             return msgs
         store = broker.store
@@ -174,7 +179,7 @@ class GroupDispatcher(Pump):
             else:
                 dl = self.channel + DEAD_LETTER_SUFFIX
                 await store.dead_letter(self.channel, self.group, dead, now, broker.config.policy_for(dl))
-                broker.stats.dead_lettered += len(dead)
+                broker.hooks.on_dead_letter(self.channel, self.group, len(dead))
                 broker.notify_appended(dl, await store.last_seq(dl))
         gone = set(expired) | {m.seq for m in dead}
         return [m for m in msgs if m.seq not in gone]
@@ -241,5 +246,5 @@ class BroadcastFeeder(Pump):
             self.broker.count_expired(self.hub.channel, len(msgs) - len(live))
         if live and not sub.closed:
             sub.push(live, math.inf)
-            self.broker.stats.delivered += len(live)
+            self.broker.hooks.on_deliver(self.hub.channel, sub.group, live, now)
         return True

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from pushchannel.config import Limits
-from pushchannel.core.model import DEAD_LETTER_SUFFIX, NewMessage
+from pushchannel.core.model import DEAD_LETTER_SUFFIX, NewMessage, StartSpec
 from pushchannel.errors import InvalidArgument
 
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9._\-:/]+")
@@ -97,3 +97,11 @@ def check_ack_deadline(seconds: float, limits: Limits) -> None:
         raise InvalidArgument(
             f"ack deadline of {seconds:g} s is out of range: 0 to {limits.max_ack_deadline:g} s"
         )
+
+
+MAX_SEQ = (1 << 63) - 1  # what every store can hold (SQLite INTEGER, Redis stream ids)
+
+
+def check_start(start: StartSpec) -> None:
+    if start.kind == "seq" and not 0 <= start.value <= MAX_SEQ:
+        raise InvalidArgument(f"start seq {int(start.value)} is out of range: 1 to {MAX_SEQ}")

@@ -18,8 +18,14 @@ from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.config import ServerConfig
 from pushchannel.core.broker import Broker
 from pushchannel.errors import PushChannelError, Unavailable
+from pushchannel.server.auth import Authorizer, check_exposure
+from pushchannel.server.guard import guarded
+from pushchannel.server.health import Health
+from pushchannel.server.logs import ConnectionLog, configure_logging, redact_url
+from pushchannel.server.metrics import Metrics, MetricsServer
 from pushchannel.server.seed import MessageSyncServicer
 from pushchannel.server.service import BrokerServicer
+from pushchannel.server.tls import ServerTls
 from pushchannel.store import open_store
 
 __all__ = ["RunningServer", "ServerConfig", "serve", "start_server"]
@@ -27,6 +33,7 @@ __all__ = ["RunningServer", "ServerConfig", "serve", "start_server"]
 log = logging.getLogger("pushchannel.server")
 
 MAX_MESSAGE_BYTES = 16 << 20
+HEALTH_PROBE_CHANNEL = "pushchannel.health-probe"  # read, never created
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -42,39 +49,84 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
+        # Per-connection limits against hostile clients (docs/security.md): streams open at once
+        # on one connection, and request headers (a bearer token fits many times over).
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        ("grpc.max_metadata_size", cfg.max_metadata_size),
+        ("grpc.absolute_max_metadata_size", cfg.max_metadata_size),
     ]
 
 
 class RunningServer:
     """A started broker: its port, its core, and how to stop it."""
 
-    def __init__(self, server: aio.Server, broker: Broker, port: int, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        server: aio.Server,
+        broker: Broker,
+        port: int,
+        config: ServerConfig,
+        auth: Authorizer | None = None,
+        tls: ServerTls | None = None,
+        health: Health | None = None,
+        metrics: MetricsServer | None = None,
+    ) -> None:
+        self.auth = auth or Authorizer()
+        self.tls = tls
         self.server = server
         self.broker = broker
         self.port = port
         self.config = config
         self.target = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+        self.health = health
+        self.metrics = metrics  # None unless metrics_listen is set
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, end subscriptions with UNAVAILABLE, let publishes in progress
-        finish within ``grace`` seconds, then close the store."""
+        """Health goes NOT_SERVING; new calls are refused while subscriptions end with
+        UNAVAILABLE (clients reconnect elsewhere) and calls in progress, publishes above all,
+        get ``grace`` seconds to finish; the store closes last, after every answered publish."""
         grace = self.config.grace if grace is None else grace
-        await self.broker.close(Unavailable("the broker is shutting down: reconnect"))
-        await self.server.stop(grace)
+        if self.health is not None:
+            await self.health.drain()
+        stopping = asyncio.get_running_loop().create_task(self.server.stop(grace))
+        await self.broker.drain(Unavailable("the broker is shutting down: reconnect"))
+        await stopping
+        if self.metrics is not None:
+            await self.metrics.stop()
+        await self.broker.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
+    def reload(self) -> None:
+        """SIGHUP: new TLS certificates for new connections, the auth file re-read (streams it
+        no longer allows are closed); open streams stay. Bad files are logged and not used."""
+        if self.tls is not None:
+            self.tls.reload()
+        self.auth.reload()
+
 
 async def start_server(config: ServerConfig) -> RunningServer:
+    auth = Authorizer.from_file(config.auth_file) if config.auth_file else Authorizer()
+    mutual = config.tls_client_ca is not None
+    check_exposure(config.listen, auth=auth.enabled, mutual_tls=mutual, insecure=config.insecure)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
     store = open_store(config.store_url, fsync=config.fsync)
-    broker = Broker(store, config.broker)
+    metrics = Metrics(store) if config.metrics_listen is not None else None
+    broker = Broker(store, config.broker, hooks=[ConnectionLog(), *([metrics] if metrics else [])])
     await broker.start()
+    health = Health(lambda: store.last_seq(HEALTH_PROBE_CHANNEL))
     server = aio.server(options=grpc_options(config))
-    push_pb2_grpc.add_MessageSyncServicer_to_server(MessageSyncServicer(broker), server)  # type: ignore[no-untyped-call]
-    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(broker), server)  # type: ignore[no-untyped-call]
+    push_pb2_grpc.add_MessageSyncServicer_to_server(MessageSyncServicer(broker, auth), guarded(server))  # type: ignore[no-untyped-call]
+    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(broker, auth), guarded(server))  # type: ignore[no-untyped-call]
+    health.add_to(server)
     try:
-        port = server.add_insecure_port(config.listen)
+        if tls is not None:
+            port = server.add_secure_port(config.listen, tls.credentials())
+        else:
+            port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
         await broker.close()
         raise Unavailable(f"cannot listen on {config.listen}: {exc}") from None
@@ -82,15 +134,26 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await broker.close()
         raise Unavailable(f"cannot listen on {config.listen}: is the address in use?")
     await server.start()
-    return RunningServer(server, broker, port, config)
+    await health.start()
+    running = RunningServer(server, broker, port, config, auth, tls, health)
+    if metrics is not None and config.metrics_listen is not None:
+        running.metrics = MetricsServer(metrics)
+        try:
+            await running.metrics.start(config.metrics_listen)
+        except Unavailable:
+            running.metrics = None
+            await running.stop(0)
+            raise
+    return running
 
 
 async def _serve(config: ServerConfig) -> int:
     running = await start_server(config)
-    log.info("pushchannel listening on %s (store %s)", running.target, config.store_url)
-    print(
-        f"pushchannel listening on {running.target} (store {config.store_url})", file=sys.stderr, flush=True
-    )
+    store = redact_url(config.store_url)
+    fields = {"event": "listening", "listen": running.target, "store": store}
+    if running.metrics is not None and config.metrics_listen is not None:
+        fields["metrics"] = f"{config.metrics_listen.rsplit(':', 1)[0]}:{running.metrics.port}"
+    log.info("pushchannel listening on %s (store %s)", running.target, store, extra=fields)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -106,11 +169,18 @@ async def _serve(config: ServerConfig) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, running.reload)
+    log.info(
+        "security: tls %s, auth %s",
+        ("mutual" if running.tls.mutual else "on") if running.tls else "off",
+        f"from {config.auth_file}" if running.auth.enabled else "off",
+    )
     waiter = loop.create_task(running.wait())
     stopper = loop.create_task(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    print("pushchannel: shutting down", file=sys.stderr, flush=True)
+    log.info("shutting down: draining for up to %g s", config.grace, extra={"event": "shutdown"})
     await running.stop()
+    log.info("stopped", extra={"event": "stopped"})
     waiter.cancel()
     stopper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -120,7 +190,7 @@ async def _serve(config: ServerConfig) -> int:
 
 def serve(config: ServerConfig) -> int:
     """Run a broker until SIGINT/SIGTERM; the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(config.log_format)
     try:
         import uvloop  # an optional extra: grpc.aio streams faster on it
 

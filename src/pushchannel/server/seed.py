@@ -9,18 +9,21 @@ from pushchannel._proto import push_pb2, push_pb2_grpc
 from pushchannel.core.broker import Broker
 from pushchannel.core.model import DEFAULT_GROUP, NewMessage
 from pushchannel.core.subscription import SubscribeParams
+from pushchannel.server.auth import PUBLISH, SUBSCRIBE, Authorizer
 from pushchannel.server.status import abort
 
 Ctx = aio.ServicerContext[object, object]
 
 
 class MessageSyncServicer(push_pb2_grpc.MessageSyncServicer):
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, auth: Authorizer | None = None) -> None:
         self.broker = broker
+        self.auth = auth or Authorizer()  # no auth file: everything allowed
         self._received = push_pb2.SubmitReply(reply="received")
 
     async def SubmitMessage(self, request: push_pb2.SubmitRequest, context: Ctx) -> push_pb2.SubmitReply:
         try:
+            self.auth.authorize(context, PUBLISH, request.channel)
             await self.broker.publish(request.channel, [NewMessage(request.message.encode())])
         except Exception as exc:
             await abort(context, exc)
@@ -36,9 +39,11 @@ class MessageSyncServicer(push_pb2_grpc.MessageSyncServicer):
             auto_ack=True,
         )
         try:
+            principal = self.auth.authorize(context, SUBSCRIBE, request.channel)
             sub = await broker.subscribe(params, peer=context.peer())
         except Exception as exc:
             await abort(context, exc)
+        watch = self.auth.watch(principal, SUBSCRIBE, sub.channel, sub.close)  # closed at token expiry
         Reply = push_pb2.MessageReply
         try:
             while True:
@@ -57,4 +62,5 @@ class MessageSyncServicer(push_pb2_grpc.MessageSyncServicer):
         except Exception as exc:
             await abort(context, exc)
         finally:
+            watch.cancel()
             await broker.close_subscription(sub)

@@ -14,8 +14,9 @@ from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.core.broker import Broker
 from pushchannel.core.subscription import Subscription
-from pushchannel.errors import FailedPrecondition, PushChannelError
+from pushchannel.errors import FailedPrecondition, PushChannelError, Unauthenticated
 from pushchannel.server import convert
+from pushchannel.server.auth import ADMIN, PUBLISH, SUBSCRIBE, Authorizer
 from pushchannel.server.status import abort, status_code
 
 log = logging.getLogger("pushchannel.server")
@@ -23,11 +24,13 @@ Ctx = aio.ServicerContext[object, object]
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, auth: Authorizer | None = None) -> None:
         self.broker = broker
+        self.auth = auth or Authorizer()  # no auth file: everything allowed
 
     async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:
         try:
+            self.auth.authorize(context, PUBLISH, request.channel)
             results = await self.broker.publish(request.channel, convert.new_messages(request))
         except Exception as exc:
             await abort(context, exc)
@@ -36,16 +39,23 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def PublishStream(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Ctx
     ) -> AsyncIterator[pb.PublishResponse]:
-        publish = self.broker.publish
-        async for request in request_iterator:
-            try:
-                results = await publish(request.channel, convert.new_messages(request))
-            except PushChannelError as exc:
-                yield pb.PublishResponse(
-                    ref=request.ref, error_code=status_code(exc).value[0], error_message=str(exc)
-                )
-                continue
-            yield convert.publish_response(results, request.ref)
+        publish, auth = self.broker.publish, self.auth
+        try:
+            principal = auth.authorize(context)  # rights are checked per request, below
+            async for request in auth.until_expiry(principal, request_iterator):
+                try:
+                    auth.check(principal, PUBLISH, request.channel, context)
+                    results = await publish(request.channel, convert.new_messages(request))
+                except Unauthenticated:
+                    raise  # the token expired or a reload revoked it: the stream ends
+                except PushChannelError as exc:
+                    yield pb.PublishResponse(
+                        ref=request.ref, error_code=status_code(exc).value[0], error_message=str(exc)
+                    )
+                    continue
+                yield convert.publish_response(results, request.ref)
+        except PushChannelError as exc:  # no token, it expired meanwhile, or a malformed frame
+            await abort(context, exc)
 
     async def Subscribe(self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx) -> None:
         broker, cfg = self.broker, self.broker.config
@@ -53,9 +63,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "open":
                 raise FailedPrecondition("a Subscribe stream must begin with Open")
+            principal = self.auth.authorize(context, SUBSCRIBE, first.open.channel)
             sub = await broker.subscribe(convert.subscribe_params(first.open, cfg), peer=context.peer())
         except Exception as exc:
             await abort(context, exc)
+        watch = self.auth.watch(principal, SUBSCRIBE, sub.channel, sub.close)  # closed at token expiry
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, sub))
         try:
             await context.write(convert.opened(sub, cfg))
@@ -75,6 +87,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         except PushChannelError as exc:
             await abort(context, exc)
         finally:
+            watch.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -110,6 +123,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     # -- admin -----------------------------------------------------------------------------------
     async def ListChannels(self, request: pb.ListChannelsRequest, context: Ctx) -> pb.ListChannelsResponse:
         try:
+            self.auth.authorize(context, ADMIN)
             now = time.time()
             infos = []
             for name in await self.broker.list_channels(request.prefix):
@@ -121,24 +135,28 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     async def GetChannel(self, request: pb.GetChannelRequest, context: Ctx) -> pb.ChannelInfo:
         try:
+            self.auth.authorize(context, ADMIN)
             return await convert.channel_info_of(self.broker, request.channel, time.time())
         except Exception as exc:
             await abort(context, exc)
 
     async def PurgeChannel(self, request: pb.PurgeChannelRequest, context: Ctx) -> pb.PurgeChannelResponse:
         try:
+            self.auth.authorize(context, ADMIN)
             return pb.PurgeChannelResponse(purged=await self.broker.purge(request.channel))
         except Exception as exc:
             await abort(context, exc)
 
     async def DeleteChannel(self, request: pb.DeleteChannelRequest, context: Ctx) -> pb.DeleteChannelResponse:
         try:
+            self.auth.authorize(context, ADMIN)
             return pb.DeleteChannelResponse(deleted=await self.broker.delete_channel(request.channel))
         except Exception as exc:
             await abort(context, exc)
 
     async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Ctx) -> pb.DeleteGroupResponse:
         try:
+            self.auth.authorize(context, ADMIN)
             return pb.DeleteGroupResponse(
                 deleted=await self.broker.delete_group(request.channel, request.group)
             )

@@ -2,7 +2,8 @@
 
 - ``memory://``: in-process, fastest, lost on exit;
 - ``sqlite:///PATH``: embedded, durable, the default;
-- ``redis://HOST:PORT/DB``: not yet.
+- ``redis://HOST:PORT/DB`` and ``redis+cluster://HOST:PORT``: Redis Streams, shared by several
+  broker nodes (the ``redis`` extra; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def open_store(url: str, *, fsync: Literal["normal", "full"] = "normal") -> Stor
         return MemoryStore()
     if scheme == "sqlite":
         return SQLiteStore(url, fsync=fsync)
-    if scheme == "redis":
-        raise InvalidArgument("the redis store is not available yet: use sqlite:///PATH or memory://")
-    raise InvalidArgument(f"unknown store URL {url!r}: use sqlite:///PATH or memory://")
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        try:  # the optional extra: pip install 'pushchannel[redis]'
+            from pushchannel.store.redis import RedisStore
+        except ImportError as exc:
+            raise InvalidArgument(
+                f"the redis store needs the redis package ({exc}): pip install 'pushchannel[redis]'"
+            ) from None
+        return RedisStore(url)
+    raise InvalidArgument(
+        f"unknown store URL {url!r}: use sqlite:///PATH, memory://, redis://HOST:PORT/DB or redis+cluster://HOST:PORT"
+    )

@@ -1,0 +1,134 @@
+"""The benchmark harness: the shape of its output, and that every ratio it prints divides two
+figures measured in the same run. Tiny counts (--quick); no test asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pushchannel.bench import main
+from pushchannel.bench._scenarios import (
+    DELIVERED,
+    MINIMAL,
+    OURS,
+    RAW,
+    ScenarioResult,
+    SystemRuns,
+)
+from pushchannel.bench._targets import judge
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main([*argv, "--quick", "--json"]) == 0
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+def test_throughput_json_has_every_system_and_same_run_ratios(capsys):
+    doc = run_json(capsys, "throughput", "--repeat", "2")
+    assert doc["schema"] == 1
+    assert doc["command"].startswith("pushchannel bench throughput")
+    for key in ("cores", "cpu", "python", "grpcio", "loadavg"):
+        assert key in doc["machine"]
+    (scenario,) = doc["scenarios"]
+    assert scenario["name"] == "throughput"
+    assert scenario["params"]["store"] == "memory"
+    assert set(scenario["systems"]) == {OURS, RAW, MINIMAL}
+    for system in scenario["systems"].values():
+        assert system["error"] is None
+        assert len(system["runs"]) == 2
+        values = [run["delivered_per_s"] for run in system["runs"]]
+        assert system["median"]["delivered_per_s"] == pytest.approx(statistics.median(values))
+    ours = scenario["systems"][OURS]["median"]["delivered_per_s"]
+    for baseline in (RAW, MINIMAL):
+        theirs = scenario["systems"][baseline]["median"]["delivered_per_s"]
+        assert scenario["ratios"]["delivered_per_s"][baseline] == pytest.approx(ours / theirs)
+    assert doc["targets"] == []  # --quick judges nothing
+
+
+def test_table_shows_figures_and_ratios(capsys):
+    assert main(["seed", "--quick", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("seed: ")
+    for row in (
+        "pushchannel ",
+        "raw gRPC ",
+        "minimal broker ",
+        "pushchannel / raw gRPC ",
+        "pushchannel / minimal",
+    ):
+        assert row in out
+    assert "delivered msg/s" in out
+
+
+def test_markdown_and_plot(capsys, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    md, png = tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
+    assert main(["latency", "--quick", "--repeat", "1", "--markdown", str(md), "--plot", str(png)]) == 0
+    capsys.readouterr()
+    text = md.read_text()
+    assert "pushchannel bench latency --quick" in text
+    assert "## latency" in text and "| minimal broker |" in text
+    assert "![benchmark chart](benchmarks.png)" in text
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_peers_are_skipped_with_a_reason(capsys, tmp_path: Path):
+    (tmp_path / "fake_peer.py").write_text(
+        "from pushchannel.bench.peer import Peer\n"
+        "class Fake(Peer):\n"
+        "    name = 'fake-peer'\n"
+        "    def missing(self):\n"
+        "        return 'fake-server not found (apt-get install fake-server)'\n"
+        "def peers():\n"
+        "    return [Fake()]\n"
+    )
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
+    doc = run_json(capsys, "peers", "--repeat", "1", "--peers-dir", str(tmp_path))
+    (scenario,) = doc["scenarios"]
+    assert list(scenario["systems"]) == [OURS]  # measured in this run, next to the peers
+    assert any("fake-peer skipped: fake-server not found" in n for n in scenario["notes"])
+    assert any("broken.py" in n for n in scenario["notes"])
+
+
+def test_unknown_scenario_is_a_usage_error(capsys):
+    assert main(["nonsense"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
+
+
+def _result(name: str, ours: list[float], minimal: list[float], **params: object) -> ScenarioResult:
+    return ScenarioResult(
+        name=name,
+        title="t",
+        params=dict(params),
+        metrics=[DELIVERED],
+        systems={
+            OURS: SystemRuns(runs=[{"delivered_per_s": v} for v in ours]),
+            MINIMAL: SystemRuns(runs=[{"delivered_per_s": v} for v in minimal]),
+        },
+        ratio_metrics=["delivered_per_s"],
+    )
+
+
+def test_ratio_is_median_over_median():
+    r = _result("seed", [1.0, 9.0, 4.0], [2.0, 8.0, 100.0])
+    assert r.ratios()["delivered_per_s"][MINIMAL] == pytest.approx(4.0 / 8.0)
+
+
+def test_targets_are_judged_only_on_their_shape():
+    small = _result("throughput", [200_000.0], [1.0], store="memory", mode="queue", messages=1000, batch=100)
+    (check,) = judge([small])
+    assert check.met is None and "not judged" in check.why
+    big = _result("throughput", [50_000.0], [1.0], store="memory", mode="queue", messages=200_000, batch=100)
+    (check,) = judge([big])
+    assert check.met is False
+    seed = _result("seed", [950.0], [1000.0])
+    (check,) = judge([seed])
+    assert check.met is True and math.isclose(0.95, float(check.value.split()[0]))
