@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-dev
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev,uvloop,redis,jwt]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,uvloop,redis,jwt,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
