@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv run test lint proto proto-check bench clean system-deps
+.PHONY: venv run test lint proto proto-check bench clean system-deps peer-deps bench-peers bench-docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,3 +46,22 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
+
+# Peers (Redis, NATS) for `pushchannel bench peers`: Debian's servers, when missing and we are root.
+peer-deps:
+	@for bin in redis-server nats-server; do \
+	  if ! command -v $$bin >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$bin >/dev/null) \
+	        || echo "warning: could not install $$bin"; \
+	    else echo "note: $$bin is missing: its peers will be skipped"; fi; \
+	  fi; \
+	done
+
+bench-peers: venv peer-deps
+	$(PIP) install -q -c constraints.txt -e '.[bench,bench-peers]'
+	$(VENV)/bin/pushchannel bench peers
+
+bench-docs: venv peer-deps
+	$(PIP) install -q -c constraints.txt -e '.[bench,bench-peers]'
+	$(VENV)/bin/pushchannel bench all --markdown docs/benchmarks.md --plot docs/benchmarks.png

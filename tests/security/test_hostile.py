@@ -88,9 +88,10 @@ async def _throw(ch: grpc.aio.Channel, data: bytes) -> set[grpc.StatusCode]:
             await call.done_writing()
             async for _ in call:
                 pass
-            codes.add(await call.code())
-        except grpc.aio.AioRpcError as e:
-            codes.add(e.code())
+        except grpc.aio.AioRpcError:
+            pass  # a write racing the server's answer fails on the client side: the call's own
+            # status, below, is what the broker answered
+        codes.add(await call.code())
     for path in UNARY_STREAM:
         ucall = ch.unary_stream(path, request_serializer=None, response_deserializer=None)(data, timeout=0.5)
         try:

@@ -30,6 +30,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     *KEEPALIVE_OPTIONS,
     ("grpc.max_send_message_length", 16 * _MiB),
     ("grpc.max_receive_message_length", 16 * _MiB),
+    # Each client its own connection: gRPC otherwise pools one connection per target across a
+    # process, and the broker caps the streams per connection (max_concurrent_streams).
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 # Failures that say "this request cannot succeed as it is": raised at once, never retried.
