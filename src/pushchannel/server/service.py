@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from grpc import aio
 
@@ -21,6 +22,12 @@ from pushchannel.server.status import abort, status_code
 
 log = logging.getLogger("pushchannel.server")
 Ctx = aio.ServicerContext[object, object]
+PUBLISH_WINDOW = 32  # PublishStream requests in progress at once, per stream
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
@@ -39,23 +46,53 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def PublishStream(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Ctx
     ) -> AsyncIterator[pb.PublishResponse]:
-        publish, auth = self.broker.publish, self.auth
+        """Requests are published concurrently (up to PUBLISH_WINDOW at once, so a store with
+        group commit shares transactions between them) and answered in request order."""
+        auth = self.auth
+        window: asyncio.Queue[asyncio.Task[pb.PublishResponse] | BaseException | None] = asyncio.Queue(
+            PUBLISH_WINDOW
+        )
+        reader: asyncio.Task[None] | None = None
         try:
-            principal = auth.authorize(context)  # rights are checked per request, below
-            async for request in auth.until_expiry(principal, request_iterator):
+            principal = auth.authorize(context)  # rights are checked per request
+
+            async def read() -> None:
+                loop = asyncio.get_running_loop()
                 try:
-                    auth.check(principal, PUBLISH, request.channel, context)
-                    results = await publish(request.channel, convert.new_messages(request))
-                except Unauthenticated:
-                    raise  # the token expired or a reload revoked it: the stream ends
-                except PushChannelError as exc:
-                    yield pb.PublishResponse(
-                        ref=request.ref, error_code=status_code(exc).value[0], error_message=str(exc)
-                    )
-                    continue
-                yield convert.publish_response(results, request.ref)
+                    async for request in auth.until_expiry(principal, request_iterator):
+                        await window.put(loop.create_task(self._publish_one(principal, request, context)))
+                    await window.put(None)
+                except Exception as exc:  # the token expired, or a malformed frame
+                    await window.put(exc)
+
+            reader = asyncio.get_running_loop().create_task(read())
+            while (item := await window.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield await item
         except PushChannelError as exc:  # no token, it expired meanwhile, or a malformed frame
             await abort(context, exc)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            while not window.empty():  # answers nobody will read: let them finish, quietly
+                item = window.get_nowait()
+                if isinstance(item, asyncio.Task):
+                    item.add_done_callback(_consume)
+
+    async def _publish_one(
+        self, principal: Any, request: pb.PublishRequest, context: Ctx
+    ) -> pb.PublishResponse:
+        try:
+            self.auth.check(principal, PUBLISH, request.channel, context)
+            results = await self.broker.publish(request.channel, convert.new_messages(request))
+        except Unauthenticated:
+            raise  # the token expired or a reload revoked it: the stream ends
+        except PushChannelError as exc:
+            return pb.PublishResponse(
+                ref=request.ref, error_code=status_code(exc).value[0], error_message=str(exc)
+            )
+        return convert.publish_response(results, request.ref)
 
     async def Subscribe(self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx) -> None:
         broker, cfg = self.broker, self.broker.config
