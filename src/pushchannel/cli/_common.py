@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from pushchannel.errors import PermissionDenied, PushChannelError, Unauthenticated, Unavailable
 
 if TYPE_CHECKING:
+    import grpc
+
     from pushchannel.client import AsyncClient
 
 
@@ -69,14 +71,19 @@ def client_options() -> argparse.ArgumentParser:
     return client
 
 
+def credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """The TLS credentials the client options ask for; None: plain TCP."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from pushchannel.server.tls import client_credentials
+
+    return client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def make_client(args: argparse.Namespace) -> AsyncClient:
     from pushchannel.client import AsyncClient, RetryPolicy
 
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
-        from pushchannel.server.tls import client_credentials
-
-        tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    tls = credentials(args)
     # One-shot commands must not wait forever for a broker that is not there.
     retry = RetryPolicy(deadline=args.retry_for or None)
     return AsyncClient(args.server, token=args.token or None, tls=tls, retry=retry)

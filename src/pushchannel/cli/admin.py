@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pushchannel.cli._common import CommandError, emit, positive
+from pushchannel.cli._common import CommandError, credentials, emit, positive
 from pushchannel.errors import error_for_code
 
 if TYPE_CHECKING:
@@ -31,12 +31,8 @@ Table = Sequence[Row]
 def _open(args: argparse.Namespace) -> grpc.Channel:
     import grpc
 
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
-        from pushchannel.server.tls import client_credentials
-
-        creds = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-        return grpc.secure_channel(args.server, creds)
-    return grpc.insecure_channel(args.server)
+    creds = credentials(args)
+    return grpc.secure_channel(args.server, creds) if creds else grpc.insecure_channel(args.server)
 
 
 def _call(args: argparse.Namespace, do: Callable[[grpc.Channel, tuple[tuple[str, str], ...]], T]) -> T:
