@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 _log_name = "pushchannel.dispatch"
 
 
+_RECHECK = 0.02  # seconds
+
+
 def _by_seq(m: Stored) -> int:
     return m.seq
 
@@ -192,7 +195,11 @@ class GroupDispatcher(Pump):
             wake = min(wake, now + sweep)
             self._next_due = wake
         if wake <= now:
-            # Something is due but no consumer had credit: credit comes back with an ack (which
+            if any(not s.closed and s.credit(now) > 0 for s in self.subs):
+                # It fell due while this round ran (its clock read came before the deadline):
+                # claim it in a moment. The pause bounds any loop to a few rounds a second.
+                return now + _RECHECK
+            # Something is due but no consumer has credit: credit comes back with an ack (which
             # kicks us) or when a lease runs out, so wake then, not in a loop.
             wake = min((s.next_lapse for s in self.subs), default=math.inf)
         return wake if math.isfinite(wake) else None
