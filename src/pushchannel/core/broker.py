@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pushchannel.config import BrokerConfig
 from pushchannel.core import validation
-from pushchannel.core.dispatch import BroadcastFeeder, GroupDispatcher, Pump
+from pushchannel.core.dispatch import BroadcastFan, BroadcastFeeder, GroupDispatcher, Pump
 from pushchannel.core.hooks import BrokerHooks, HookChain
 from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
 from pushchannel.core.subscription import SubscribeParams, Subscription
@@ -72,6 +72,7 @@ class ChannelHub:
         self.last_seq = last_seq
         self.dispatchers: dict[str, GroupDispatcher] = {}
         self.feeders: dict[str, BroadcastFeeder] = {}
+        self.fan = BroadcastFan(broker, self)
         self.watcher: asyncio.Task[None] | None = None
 
     def notify(self, last_seq: int) -> None:
@@ -80,8 +81,8 @@ class ChannelHub:
         self.last_seq = last_seq
         for d in self.dispatchers.values():
             d.kick()
-        for f in self.feeders.values():
-            f.kick()
+        if self.feeders:
+            self.fan.published()
 
     def empty(self) -> bool:
         return not self.dispatchers and not self.feeders
@@ -214,8 +215,8 @@ class Broker:
                 hub.watcher = asyncio.get_running_loop().create_task(hub.watch())
         hub.last_seq = max(hub.last_seq, last_seq)
         if params.broadcast:
-            feeder = hub.feeders[sub_id] = BroadcastFeeder(self, hub, sub, cursor)
-            feeder.kick()
+            feeder = hub.feeders[sub_id] = BroadcastFeeder(sub, cursor)
+            hub.fan.want(feeder)
         else:
             dispatcher = hub.dispatchers.get(group)
             if dispatcher is None:
@@ -239,7 +240,7 @@ class Broker:
         if sub.broadcast:
             feeder = hub.feeders.pop(sub.id, None)
             if feeder is not None:
-                stopping.append(feeder)
+                hub.fan.forget(feeder)
                 removed = True
         else:
             dispatcher = hub.dispatchers.get(sub.group)
@@ -253,6 +254,7 @@ class Broker:
                 dispatcher = None
         if hub.empty() and self._hubs.get(sub.channel) is hub:
             del self._hubs[sub.channel]
+            stopping.append(hub.fan)
             if hub.watcher is not None:
                 hub.watcher.cancel()
         if removed:
@@ -327,9 +329,14 @@ class Broker:
         hub = self._hubs.get(sub.channel)
         if hub is None:
             return
-        pump = hub.feeders.get(sub.id) if sub.broadcast else hub.dispatchers.get(sub.group)
-        if pump is not None:
-            pump.kick()
+        if sub.broadcast:
+            feeder = hub.feeders.get(sub.id)
+            if feeder is not None:
+                hub.fan.want(feeder)
+            return
+        dispatcher = hub.dispatchers.get(sub.group)
+        if dispatcher is not None:
+            dispatcher.kick()
 
     def count_expired(self, channel: str, n: int) -> None:
         self.hooks.on_expired(channel, n)

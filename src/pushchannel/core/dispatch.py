@@ -205,13 +205,12 @@ class GroupDispatcher(Pump):
         return wake if math.isfinite(wake) else None
 
 
-class BroadcastFeeder(Pump):
-    """A broadcast subscription's own cursor over the log; acks only free credit."""
+class BroadcastFeeder:
+    """A broadcast subscription's own cursor over the log (acks only free credit)."""
 
-    def __init__(self, broker: Broker, hub: ChannelHub, sub: Subscription, cursor: int) -> None:
-        super().__init__()
-        self.broker = broker
-        self.hub = hub
+    __slots__ = ("cursor", "sub")
+
+    def __init__(self, sub: Subscription, cursor: int) -> None:
         self.sub = sub
         self.cursor = cursor
 
@@ -234,24 +233,75 @@ class BroadcastFeeder(Pump):
                     return m.seq - 1
             cursor = page[-1].seq
 
+
+class BroadcastFan(Pump):
+    """Feeds every broadcast subscription of one channel from one task. The feeders that
+    stand at the same cursor (after a publish: all that kept up) share one read of the log
+    and one list of messages, so a publish to N subscribers costs one store read and N
+    hand-overs, not N tasks and N reads."""
+
+    def __init__(self, broker: Broker, hub: ChannelHub) -> None:
+        super().__init__()
+        self.broker = broker
+        self.hub = hub
+        self._waiting: dict[BroadcastFeeder, None] = {}  # behind the log, possibly with credit
+
+    def want(self, feeder: BroadcastFeeder) -> None:
+        """This feeder may have something to read: a new subscription, or credit came back."""
+        if feeder.cursor < self.hub.last_seq:
+            self._waiting[feeder] = None
+            self.kick()
+
+    def published(self) -> None:
+        """The log grew: every feeder is behind now."""
+        self._waiting = dict.fromkeys(self.hub.feeders.values())
+        self.kick()
+
+    def forget(self, feeder: BroadcastFeeder) -> None:
+        self._waiting.pop(feeder, None)
+
     def on_error(self, exc: Exception) -> None:
         self.broker.log_error("broadcast", self.hub.channel, exc)
 
     async def pump_once(self) -> bool:
-        sub = self.sub
+        if not self._waiting:
+            return False
+        waiting, self._waiting = self._waiting, {}
+        hub, broker = self.hub, self.broker
+        last_seq = hub.last_seq
         now = time.time()
-        credit = min(sub.credit(now), self.broker.config.max_dispatch_batch)
-        if credit <= 0 or sub.closed or self.hub.last_seq <= self.cursor:
-            return False
-        msgs = await self.broker.store.read_range(self.hub.channel, self.cursor, credit)
-        if not msgs:
-            self.cursor = max(self.cursor, self.hub.last_seq)
-            return False
-        self.cursor = msgs[-1].seq
-        live = [m for m in msgs if not m.expired(now)]
-        if len(live) < len(msgs):
-            self.broker.count_expired(self.hub.channel, len(msgs) - len(live))
-        if live and not sub.closed:
-            sub.push(live, math.inf)
-            self.broker.hooks.on_deliver(self.hub.channel, sub.group, live, now)
-        return True
+        cap = broker.config.max_dispatch_batch
+        by_cursor: dict[int, list[tuple[BroadcastFeeder, int]]] = {}
+        for f in waiting:
+            if f.sub.closed or f.cursor >= last_seq:
+                continue
+            credit = min(f.sub.credit(now), cap)
+            if credit > 0:  # without credit, the ack that frees some calls want() again
+                by_cursor.setdefault(f.cursor, []).append((f, credit))
+        progressed = False
+        for cursor, group in by_cursor.items():
+            limit = max(credit for _, credit in group)
+            msgs = await broker.store.read_range(hub.channel, cursor, limit)
+            if not msgs:  # trimmed meanwhile: nothing left to read up to last_seq
+                for f, _ in group:
+                    f.cursor = max(f.cursor, last_seq)
+                continue
+            progressed = True
+            expired = {m.seq for m in msgs if m.expired(now)}
+            for f, credit in group:
+                if f.sub.closed or f.cursor != cursor:
+                    continue
+                part = msgs if credit >= len(msgs) else msgs[:credit]
+                f.cursor = part[-1].seq
+                if expired:
+                    out = [m for m in part if m.seq not in expired]
+                    if len(out) < len(part):
+                        broker.count_expired(hub.channel, len(part) - len(out))
+                else:
+                    out = part  # one list for all who read the whole page: encoded once
+                if out:
+                    f.sub.push(out, math.inf)
+                    broker.hooks.on_deliver(hub.channel, f.sub.group, out, now)
+                if f.cursor < hub.last_seq:
+                    self._waiting[f] = None
+        return progressed

@@ -13,6 +13,11 @@ from pushchannel.errors import PushChannelError
 _LAPSED_CAP_FACTOR = 10
 
 
+def _time_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(frozen=True, slots=True)
 class SubscribeParams:
     channel: str
@@ -140,13 +145,16 @@ class Subscription:
         heartbeat); ``[]`` once the subscription closed cleanly (the stream ends with OK).
         Raises the broker's reason when it closed the subscription with one."""
         if not self._outbox and not self.closed:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_up, waiter)  # cheaper than asyncio.wait_for
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                return None
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
+            if not self._outbox and not self.closed:
+                return None
         if self._outbox:
             batch = self._outbox.popleft()
             while self._outbox and len(batch) < 1000:  # coalesce what piled up

@@ -14,6 +14,7 @@ from grpc import aio
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.core.broker import Broker
+from pushchannel.core.model import Stored
 from pushchannel.core.subscription import Subscription
 from pushchannel.errors import FailedPrecondition, PushChannelError, Unauthenticated
 from pushchannel.server import convert
@@ -34,6 +35,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, broker: Broker, auth: Authorizer | None = None) -> None:
         self.broker = broker
         self.auth = auth or Authorizer()  # no auth file: everything allowed
+        self._shared: tuple[list[Stored], str, pb.SubscribeResponse] | None = None
 
     async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:
         try:
@@ -119,7 +121,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 if not batch:
                     return
                 for frame in convert.frames(batch):
-                    await context.write(convert.deliveries(sub.channel, frame))
+                    await context.write(self._encode(sub, frame))
                     await broker.written(sub, frame)
         except PushChannelError as exc:
             await abort(context, exc)
@@ -129,6 +131,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             await broker.close_subscription(sub)
+
+    def _encode(self, sub: Subscription, frame: list[Stored]) -> pb.SubscribeResponse:
+        """A broadcast hands one list of messages to every subscriber that kept up: encode it
+        once (its deliveries are the same for all of them)."""
+        shared = self._shared
+        if shared is not None and shared[0] is frame and shared[1] == sub.channel:
+            return shared[2]
+        msg = convert.deliveries(sub.channel, frame)
+        if sub.broadcast:
+            self._shared = (frame, sub.channel, msg)
+        return msg
 
     async def _read(self, requests: AsyncIterator[pb.SubscribeRequest], sub: Subscription) -> None:
         """Acks, nacks and deadline changes, each one batch to the core."""
