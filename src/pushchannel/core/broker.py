@@ -281,7 +281,7 @@ class Broker:
             n = await self.store.ack(sub.channel, sub.group, seqs)
             self._touched.add(sub.channel)
         self.hooks.on_ack(sub.channel, sub.group, len(seqs))
-        self._kick(sub)
+        self._kick(sub, credit_only=True)
         return n
 
     async def nack(self, sub: Subscription, tags: list[int], delay: float, reason: str) -> int:
@@ -325,7 +325,9 @@ class Broker:
         if sub.auto_ack and msgs:
             await self.ack(sub, [m.seq for m in msgs])
 
-    def _kick(self, sub: Subscription) -> None:
+    def _kick(self, sub: Subscription, *, credit_only: bool = False) -> None:
+        """Wake the pump that feeds ``sub``. ``credit_only``: all that changed is that it has
+        credit again, which matters only if there is something to hand out."""
         hub = self._hubs.get(sub.channel)
         if hub is None:
             return
@@ -335,7 +337,7 @@ class Broker:
                 hub.fan.want(feeder)
             return
         dispatcher = hub.dispatchers.get(sub.group)
-        if dispatcher is not None:
+        if dispatcher is not None and (not credit_only or dispatcher.has_work(time.time())):
             dispatcher.kick()
 
     def count_expired(self, channel: str, n: int) -> None:

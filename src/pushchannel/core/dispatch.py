@@ -113,7 +113,13 @@ class GroupDispatcher(Pump):
     def on_error(self, exc: Exception) -> None:
         self.broker.log_error("dispatch", self.channel, exc)
 
+    def has_work(self, now: float) -> bool:
+        """Whether a round could hand anything out: unread messages, or something due."""
+        return self.hub.last_seq > self._exhausted_at or self._next_due <= now
+
     async def pump_once(self) -> bool:
+        if not self.has_work(time.time()):
+            return False
         subs = [s for s in self.subs if not s.closed]
         if not subs:
             return False
