@@ -23,8 +23,6 @@ from pushchannel.bench._procs import BenchError, machine
 from pushchannel.bench._scenarios import OURS, Options, ScenarioResult
 from pushchannel.bench._servers import loop_factory
 
-# SDK clients in one process share one connection; the broker allows 1000 streams on one.
-SDK_STREAMS_CAP = 900
 SCENARIOS = ("throughput", "latency", "fanout", "streams", "seed", "peers")
 
 
@@ -253,15 +251,7 @@ async def _run(
             if client in ("raw", "both"):
                 scenarios.append(_scenarios.streams(dataclasses.replace(shapes.streams, client="raw"), store))
             if client in ("sdk", "both"):
-                n = min(shapes.streams.streams, SDK_STREAMS_CAP)
-                if n < shapes.streams.streams:
-                    print(
-                        f"note: streams opened by SDK clients capped at {n}: AsyncClients in one "
-                        "process share one connection (gRPC's global subchannel pool), and the "
-                        "broker allows 1000 streams per connection (--max-concurrent-streams)",
-                        file=sys.stderr,
-                    )
-                sdk = dataclasses.replace(shapes.streams, client="sdk", streams=n)
+                sdk = dataclasses.replace(shapes.streams, client="sdk")
                 scenarios.append(_scenarios.streams(sdk, store))
         elif name == "seed":
             scenarios.append(_scenarios.seed(shapes.seed, store))
