@@ -217,6 +217,35 @@ async def test_max_in_flight_bounds_a_broadcast_subscriber_too(grpc_channel: grp
         assert [d.seq for d in await sub.take(3)] == [4, 5, 6]
 
 
+async def test_broadcast_subscribers_at_different_cursors_each_get_everything_in_order(
+    grpc_channel: grpc.aio.Channel,
+) -> None:
+    """One fan feeds every broadcast subscription of a channel: a held-back subscriber, one
+    that kept up and one that joined from the earliest message each read at their own pace."""
+    broker = stub(grpc_channel)
+    async with (
+        Subscriber(grpc_channel) as held,
+        Subscriber(grpc_channel, ack_on_receipt=True) as fast,
+        Subscriber(grpc_channel, ack_on_receipt=True) as late,
+    ):
+        await held.open(CH, mode=pb.Open.BROADCAST, max_in_flight=2)
+        await fast.open(CH, mode=pb.Open.BROADCAST, max_in_flight=7)
+        await publish_payloads(broker, CH, [f"m{i}".encode() for i in range(1, 31)])
+        assert [d.seq for d in await fast.take(30)] == list(range(1, 31))  # not held back
+        assert [d.seq for d in await held.take(2)] == [1, 2]
+        await late.open(CH, mode=pb.Open.BROADCAST, position=pb.Open.EARLIEST, max_in_flight=4)
+        await publish_payloads(broker, CH, [f"m{i}".encode() for i in range(31, 41)])
+        assert [d.seq for d in await late.take(40)] == list(range(1, 41))
+        assert [d.seq for d in await fast.take(10)] == list(range(31, 41))
+        for _ in range(19):  # the held one, two at a time
+            held.ack(*(d.delivery_tag for d in held.received[-2:]))
+            await held.take(2)
+        assert [d.seq for d in held.received] == list(range(1, 41))
+        assert [d.payload for d in late.received] == [f"m{i}".encode() for i in range(1, 41)]
+        for s in (held, fast, late):
+            assert await s.collect_for(0.1) == []
+
+
 async def test_auto_ack_acks_what_was_written(grpc_channel: grpc.aio.Channel) -> None:
     broker = stub(grpc_channel)
     async with Subscriber(grpc_channel) as sub:
