@@ -234,13 +234,14 @@ async def _run(
     names: list[str], everything: bool, args: argparse.Namespace, options: Options
 ) -> list[ScenarioResult]:
     shapes = _params(args)
-    store = args.store or "memory"
+    both_stores = args.store == "all" or (everything and args.store is None)
+    store = "memory" if args.store in (None, "all") else args.store
     results: list[ScenarioResult] = []
     for name in names:
         scenarios: list[_scenarios.Scenario] = []
         if name == "throughput":
             scenarios.append(_scenarios.throughput(shapes.throughput, store))
-            if everything and args.store is None:
+            if both_stores:
                 scenarios.append(_scenarios.throughput(shapes.throughput, "sqlite"))
         elif name == "latency":
             scenarios.append(_scenarios.latency(shapes.latency, store))

@@ -93,8 +93,26 @@ def _script(conn: sqlite3.Connection, script: str) -> None:
         raise ValueError(f"incomplete SQL in a migration: {statement!r}")
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    """Pending entries handed out together by read_new, as one row (see _sqlite_groups)."""
+    _script(
+        conn,
+        """
+        CREATE TABLE pending_ranges (
+            grp       INTEGER NOT NULL,           -- groups.id
+            first_seq INTEGER NOT NULL,
+            last_seq  INTEGER NOT NULL,           -- first_seq..last_seq: all pending, attempt 1
+            consumer  TEXT NOT NULL,
+            deadline  REAL NOT NULL,
+            PRIMARY KEY (grp, first_seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX pending_ranges_by_deadline ON pending_ranges (grp, deadline);
+        """,
+    )
+
+
 #: MIGRATIONS[i] brings a file from schema version i to i + 1. Append only; never edit one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,10 +1,13 @@
 """``sqlite:///PATH``: the durable embedded store (stdlib ``sqlite3``, WAL, group commit).
 
 One writer thread owns the only connection. Every store call becomes an operation on a queue;
-the thread takes everything queued, runs it in ONE transaction (each write in its own savepoint,
-so a failing one rolls back alone and fails only its caller), commits once, then answers every
+the thread takes everything queued, runs it in ONE transaction, commits once, then answers every
 caller on the event loop. Concurrent publishes and acks therefore share commits, and a publish
 is answered only after its transaction committed. docs/stores.md says what survives what.
+
+A failing operation fails only its caller: when one fails, the whole transaction is rolled back
+and the others run again, each in its own savepoint (so the usual transaction, where nothing
+fails, pays for no savepoints).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ T = TypeVar("T")
 #: At most this many operations share one transaction, so one commit never waits for a flood.
 _MAX_BATCH = 2000
 
-# (operation, the caller's future, whether it writes)
-_Job = tuple[Callable[[Tables], Any], "asyncio.Future[Any]", bool]
+# (operation, the caller's future, whether it writes, whether it may run while appended messages
+# wait to be written: see Tables.flush_rows)
+_Job = tuple[Callable[[Tables], Any], "asyncio.Future[Any]", bool, bool]
 _Outcome = tuple["asyncio.Future[Any]", bool, Any]
 
 
@@ -173,18 +177,77 @@ class SQLiteStore(Store):
                         if conn.in_transaction:
                             conn.execute("ROLLBACK")
                     error = self._error(exc)
-                    post([(fut, False, error) for _, fut, _ in batch])
+                    post([(fut, False, error) for _, fut, _, _ in batch])
             if stop:
                 return
 
     def _run_batch(self, conn: sqlite3.Connection, tables: Tables, batch: list[_Job]) -> list[_Outcome]:
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
         todo = list(range(len(batch)))
-        # Each round either completes or drops the one job that made SQLite abandon the whole
-        # transaction (it may do so on a full disk), then runs the others again.
-        while (lost := self._transaction(conn, tables, batch, todo, outcomes)) is not None:
-            todo.remove(lost)
+        failed = self._optimistic(conn, tables, batch, todo, outcomes)
+        if failed is not None:
+            if failed >= 0:
+                todo.remove(failed)
+            # Each round either completes or drops the one job that made SQLite abandon the whole
+            # transaction (it may do so on a full disk), then runs the others again.
+            while (lost := self._transaction(conn, tables, batch, todo, outcomes)) is not None:
+                todo.remove(lost)
         return [(batch[i][1], ok, value) for i, (ok, value) in enumerate(outcomes)]
+
+    def _optimistic(
+        self,
+        conn: sqlite3.Connection,
+        tables: Tables,
+        batch: list[_Job],
+        todo: list[int],
+        outcomes: list[tuple[bool, Any]],
+    ) -> int | None:
+        """Run the jobs ``todo`` in one transaction without savepoints, channel rows written
+        once before the commit. None when done; else everything was rolled back and the others
+        are to run again, each in its savepoint: the index of the job that failed (its outcome
+        set), or -1 when no job is to blame."""
+        if not any(batch[i][2] for i in todo):
+            return self._transaction(conn, tables, batch, todo, outcomes)  # reads: no savepoints
+        try:
+            # Deferred: the first write takes the lock, within a statement that runs long anyway.
+            # BEGIN IMMEDIATE takes it at once, long enough for the event loop to take the GIL,
+            # which this thread then waits for. (If the file is locked, the write fails and so
+            # the savepoint round below fails at its BEGIN IMMEDIATE, as before.)
+            conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            for i in todo:
+                outcomes[i] = (False, translate(exc, self.path))
+            return None
+        tables.deferred = True
+        try:
+            for i in todo:
+                fn, _, _, joins = batch[i]
+                if not joins:
+                    try:
+                        tables.flush_rows()
+                    except Exception:
+                        self._roll_back(conn, tables)
+                        return -1
+                try:
+                    outcomes[i] = (True, fn(tables))
+                except Exception as exc:
+                    outcomes[i] = (False, self._error(exc))
+                    self._roll_back(conn, tables)
+                    return i
+            try:
+                tables.flush()
+            except Exception:
+                self._roll_back(conn, tables)
+                return -1
+        finally:
+            tables.deferred = False
+        self._commit(conn, tables, todo, outcomes)
+        return None
+
+    def _roll_back(self, conn: sqlite3.Connection, tables: Tables) -> None:
+        tables.forget()
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     def _transaction(
         self,
@@ -205,7 +268,7 @@ class SQLiteStore(Store):
                 outcomes[i] = (False, translate(exc, self.path))
             return None
         for i in todo:
-            fn, _, write = batch[i]
+            fn, _, write, _ = batch[i]
             try:
                 if write:
                     conn.execute("SAVEPOINT op")
@@ -227,8 +290,13 @@ class SQLiteStore(Store):
             outcomes[i] = (True, value)
             if write:
                 conn.execute("RELEASE op")
-        if not writing:
-            return None
+        if writing:
+            self._commit(conn, tables, todo, outcomes)
+        return None
+
+    def _commit(
+        self, conn: sqlite3.Connection, tables: Tables, todo: list[int], outcomes: list[tuple[bool, Any]]
+    ) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -237,12 +305,19 @@ class SQLiteStore(Store):
                 conn.execute("ROLLBACK")
             for i in todo:
                 outcomes[i] = (False, translate(exc, self.path))
-            return None
+            return
         self.commits += 1
-        if tables.checkpoint_due:
-            tables.checkpoint_due = False
-            with contextlib.suppress(sqlite3.Error):  # let the file shrink by the pages given back
+        if tables.vacuum_due:
+            pages, tables.vacuum_due = tables.vacuum_due, 0
+            try:
+                # Outside the transaction (executescript commits first): it steps the pragma to
+                # the end in one call, where execute() would give back one page per call.
+                conn.executescript(f"PRAGMA incremental_vacuum({pages})")
+                # Let the file shrink by the pages given back.
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error:  # only space not given back yet
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
         return None
 
     def _error(self, exc: Exception) -> Exception:
@@ -251,12 +326,12 @@ class SQLiteStore(Store):
         return exc  # our own errors, and bugs, as they are
 
     # -- submitting --------------------------------------------------------------------------
-    def _op(self, write: bool, fn: Callable[[Tables], T]) -> asyncio.Future[T]:
+    def _op(self, write: bool, fn: Callable[[Tables], T], *, joins: bool = False) -> asyncio.Future[T]:
         loop = self._loop
         if not self._open or loop is None:
             raise Unavailable(f"the store at {self.path} is not open (not started, or closed)")
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, fut, write))
+        self._queue.put((fn, fut, write, joins))
         return fut
 
     async def pragma(self, name: str) -> object:
@@ -271,7 +346,7 @@ class SQLiteStore(Store):
         self, channel: str, messages: Sequence[NewMessage], now: float, policy: ChannelPolicy
     ) -> list[AppendResult]:
         batch = list(messages)  # the thread reads it later: a copy the caller cannot change
-        results = await self._op(True, lambda t: t.append(channel, batch, now, policy))
+        results = await self._op(True, lambda t: t.append(channel, batch, now, policy), joins=True)
         if isinstance(results, Refused):
             raise results.error
         for r in results:
@@ -293,7 +368,9 @@ class SQLiteStore(Store):
     async def read_new(
         self, channel: str, group: str, consumer: str, limit: int, deadline: float
     ) -> list[Stored]:
-        return await self._op(True, lambda t: t.read_new(channel, group, consumer, limit, deadline))
+        return await self._op(
+            True, lambda t: t.read_new(channel, group, consumer, limit, deadline), joins=True
+        )
 
     async def claim_expired(
         self, channel: str, group: str, consumer: str, limit: int, now: float, deadline: float
@@ -305,17 +382,17 @@ class SQLiteStore(Store):
 
     async def ack(self, channel: str, group: str, seqs: Sequence[int]) -> int:
         done = tuple(seqs)
-        return await self._op(True, lambda t: t.ack(channel, group, done))
+        return await self._op(True, lambda t: t.ack(channel, group, done), joins=True)
 
     async def nack(
         self, channel: str, group: str, seqs: Sequence[int], visible_at: float, reason: str
     ) -> int:
         which = tuple(seqs)
-        return await self._op(True, lambda t: t.nack(channel, group, which, visible_at, reason))
+        return await self._op(True, lambda t: t.nack(channel, group, which, visible_at, reason), joins=True)
 
     async def extend(self, channel: str, group: str, seqs: Sequence[int], deadline: float) -> int:
         which = tuple(seqs)
-        return await self._op(True, lambda t: t.extend(channel, group, which, deadline))
+        return await self._op(True, lambda t: t.extend(channel, group, which, deadline), joins=True)
 
     async def pending(self, channel: str, group: str, limit: int = 1000) -> list[PendingEntry]:
         return await self._op(False, lambda t: t.pending(channel, group, limit))
