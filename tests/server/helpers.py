@@ -95,6 +95,24 @@ async def consumer_count(broker: broker_pb2_grpc.BrokerStub, channel: str) -> in
     return len(info.consumers)
 
 
+async def _answered(call: grpc.aio.Call, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """What the broker answered. An ack written while the broker ends the stream fails on the
+    client side ("Failed execute_batch", INTERNAL) and can surface in place of the status the
+    broker sent: then the call's own status is the answer."""
+    if exc.code() != grpc.StatusCode.INTERNAL or "execute_batch" not in (exc.debug_error_string() or ""):
+        return exc
+    code = await call.code()
+    if code == exc.code():
+        return exc
+    return grpc.aio.AioRpcError(
+        code,
+        await call.initial_metadata(),
+        await call.trailing_metadata(),
+        await call.details(),
+        "the status the call ended with, after a write lost the race to it",
+    )
+
+
 class Subscriber:
     """One ``Subscribe`` stream: requests go through a queue, deliveries arrive in another.
 
@@ -157,7 +175,7 @@ class Subscriber:
                 else:
                     raise AssertionError(f"unexpected {kind} after Opened")
         except grpc.aio.AioRpcError as exc:
-            self.error = exc
+            self.error = await _answered(self._call, exc)
         finally:
             self.ended.set()
 
