@@ -101,6 +101,12 @@ async def produce(run: Run, k: int) -> None:
             await asyncio.sleep(PAUSE)
 
 
+def _write_lost_to_kill(exc: grpc.aio.AioRpcError) -> bool:
+    """An ack written as the kill reset the connection fails on the client side, as INTERNAL
+    "Failed execute_batch" (the SDK retries it too): a broken stream, not a broker error."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
+
+
 async def consume(run: Run, c: int) -> None:
     """One consumer of the durable group: record each delivery, then ack it; reconnect."""
     open_request = pb.SubscribeRequest(
@@ -146,7 +152,7 @@ async def consume(run: Run, c: int) -> None:
                         run.history.delivered(d.id, d.seq, d.payload, d.attempt)
                         unacked.append(d.delivery_tag)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in RETRYABLE and not _write_lost_to_kill(exc):
                     raise
                 run.stream_breaks += 1
             finally:
