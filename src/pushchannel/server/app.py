@@ -55,6 +55,8 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
         ("grpc.max_metadata_size", cfg.max_metadata_size),
         ("grpc.absolute_max_metadata_size", cfg.max_metadata_size),
+        # channelz's per-connection records cost memory on every idle host connection.
+        ("grpc.enable_channelz", 0),
     ]
 
 
