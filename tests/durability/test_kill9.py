@@ -28,6 +28,7 @@ import pytest
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from tests.durability._broker import BrokerProcess, channel_info, connect, group_info
 from tests.durability.checker import History, check, payload_for
+from tests.server.helpers import lost_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -101,12 +102,6 @@ async def produce(run: Run, k: int) -> None:
             await asyncio.sleep(PAUSE)
 
 
-def _write_lost_to_kill(exc: grpc.aio.AioRpcError) -> bool:
-    """An ack written as the kill reset the connection fails on the client side, as INTERNAL
-    "Failed execute_batch" (the SDK retries it too): a broken stream, not a broker error."""
-    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
-
-
 async def consume(run: Run, c: int) -> None:
     """One consumer of the durable group: record each delivery, then ack it; reconnect."""
     open_request = pb.SubscribeRequest(
@@ -152,7 +147,9 @@ async def consume(run: Run, c: int) -> None:
                         run.history.delivered(d.id, d.seq, d.payload, d.attempt)
                         unacked.append(d.delivery_tag)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE and not _write_lost_to_kill(exc):
+                # An ack written as the kill reset the connection (lost_write) is a broken
+                # stream too, as the SDK treats it.
+                if exc.code() not in RETRYABLE and not lost_write(exc):
                     raise
                 run.stream_breaks += 1
             finally:

@@ -95,11 +95,16 @@ async def consumer_count(broker: broker_pb2_grpc.BrokerStub, channel: str) -> in
     return len(info.consumers)
 
 
+def lost_write(exc: grpc.aio.AioRpcError) -> bool:
+    """A request written as the stream ended (the broker closed it, or the connection was reset)
+    fails on the client side as INTERNAL "Failed execute_batch": not an answer of the broker's."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
+
+
 async def _answered(call: grpc.aio.Call, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
-    """What the broker answered. An ack written while the broker ends the stream fails on the
-    client side ("Failed execute_batch", INTERNAL) and can surface in place of the status the
-    broker sent: then the call's own status is the answer."""
-    if exc.code() != grpc.StatusCode.INTERNAL or "execute_batch" not in (exc.debug_error_string() or ""):
+    """What the broker answered: when an ack lost the race to the end of the stream
+    (:func:`lost_write`), the call's own status."""
+    if not lost_write(exc):
         return exc
     code = await call.code()
     if code == exc.code():

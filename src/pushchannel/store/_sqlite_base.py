@@ -226,6 +226,19 @@ class TablesBase:
         joined.bounds.append((len(joined.meta), now))
         joined.nbytes += sum(map(len, payloads))
 
+    def _after(self, ch: CachedChannel, after_seq: int, limit: int) -> list[Stored]:
+        """Up to ``limit`` messages of ``ch`` after ``after_seq``: from the cached tail when it
+        has them all, else from the file."""
+        hit = ch.cached(max(after_seq + 1, ch.first_seq), limit)
+        if hit is not None:
+            return hit
+        self.flush_rows()
+        rows = self.conn.execute(
+            f"SELECT {COLS} FROM messages WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (ch.id, after_seq, limit),
+        ).fetchall()
+        return [stored(r) for r in rows]
+
     # -- recent messages -----------------------------------------------------------------------
     def _cache_recent(self, ch: CachedChannel, fresh: list[Stored], nbytes: int) -> None:
         """Keep messages just appended to ``ch`` (the next after its last cached one)."""

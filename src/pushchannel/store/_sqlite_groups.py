@@ -55,14 +55,7 @@ class GroupOps(TablesBase):
             return []
         ch, g = found
         conn = self.conn
-        out = ch.cached(max(g.cursor + 1, ch.first_seq), limit)
-        if out is None:
-            self.flush_rows()
-            rows = conn.execute(
-                f"SELECT {COLS} FROM messages WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (ch.id, g.cursor, limit),
-            ).fetchall()
-            out = [stored(r) for r in rows]
+        out = self._after(ch, g.cursor, limit)
         if not out:
             return []
         gid = g.id

@@ -22,13 +22,11 @@ from pushchannel.core.model import (
 from pushchannel.errors import ResourceExhausted
 from pushchannel.store._sqlite_base import (
     CAN_JOIN,
-    COLS,
     JOINED_MAX_BYTES,
     CachedChannel,
     Refused,
     attributes_size,
     encode_attributes,
-    stored,
 )
 from pushchannel.store._sqlite_groups import GroupOps
 
@@ -293,15 +291,7 @@ class Tables(GroupOps):
         ch = self._get(channel)
         if ch is None or limit <= 0:
             return []
-        hit = ch.cached(max(after_seq + 1, ch.first_seq), limit)
-        if hit is not None:
-            return hit
-        self.flush_rows()
-        rows = self.conn.execute(
-            f"SELECT {COLS} FROM messages WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (ch.id, after_seq, limit),
-        ).fetchall()
-        return [stored(r) for r in rows]
+        return self._after(ch, after_seq, limit)
 
     def last_seq(self, channel: str) -> int:
         ch = self._get(channel)
