@@ -76,13 +76,21 @@ class ChannelHub:
         self.watcher: asyncio.Task[None] | None = None
 
     def notify(self, last_seq: int) -> None:
-        if last_seq <= self.last_seq:
-            return
-        self.last_seq = last_seq
-        for d in self.dispatchers.values():
+        """The log grew to ``last_seq``: wake whoever feeds from it."""
+        for d in self.advance(last_seq):
             d.kick()
+
+    def advance(self, last_seq: int) -> list[GroupDispatcher]:
+        """Note that the log grew to ``last_seq`` and start the broadcast fan; the group
+        dispatchers to run are the caller's to kick, or to run in its own task (a publish on a
+        store whose calls never suspend). The fan always runs in its own task: a round there
+        hands the message to every subscriber, which a publisher should not wait for."""
+        if last_seq <= self.last_seq:
+            return []
+        self.last_seq = last_seq
         if self.feeders:
             self.fan.published()
+        return list(self.dispatchers.values())
 
     def empty(self) -> bool:
         return not self.dispatchers and not self.feeders
@@ -173,11 +181,22 @@ class Broker:
             raise Unavailable("the broker is shutting down: publish to another node or retry")
         started = time.perf_counter()
         results = await self.store.append(channel, messages, time.time(), cfg.policy_for(channel))
-        dups = sum(1 for r in results if r.duplicate)
+        dups = top = 0
+        for r in results:
+            if r.duplicate:
+                dups += 1
+            elif r.seq > top:
+                top = r.seq
         self.hooks.on_publish(channel, len(results) - dups, dups, time.perf_counter() - started)
-        if dups < len(results):
+        if top:
             self._touched.add(channel)
-            self.notify_appended(channel, max(r.seq for r in results))
+            hub = self._hubs.get(channel)
+            if hub is not None:
+                if self.store.immediate:
+                    for d in hub.advance(top):
+                        await d.run_here()
+                else:
+                    hub.notify(top)
         return results
 
     def notify_appended(self, channel: str, last_seq: int) -> None:

@@ -29,22 +29,45 @@ def _by_seq(m: Stored) -> int:
 
 
 class Pump:
-    """Runs ``pump_once`` in a task while it makes progress or is kicked again."""
+    """Runs ``pump_once`` while it makes progress or is kicked again: in a task of its own
+    (:meth:`kick`), or in the caller's task (:meth:`run_here`). One runner at a time: a kick
+    while one runs marks it dirty, and it goes round again."""
 
     def __init__(self) -> None:
-        self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a runner is in _run
+        self._task: asyncio.Task[None] | None = None  # that runner, when it is a task of ours
+        self._done: asyncio.Future[None] | None = None  # for stop(), while a caller runs it
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # when the armed timer fires (unix s)
         self._dirty = False
         self._stopped = False
 
-    def kick(self) -> None:
+    def _claim(self) -> bool:
+        """Whether the caller becomes the runner; a runner already under way is marked to go
+        round again instead."""
         if self._stopped:
-            return
-        if self._task is None:
-            self._dirty = False
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        else:
+            return False
+        if self._busy:
             self._dirty = True
+            return False
+        self._busy, self._dirty = True, False
+        return True
+
+    def kick(self) -> None:
+        if self._claim():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def run_here(self) -> None:
+        """What :meth:`kick` does, in the caller's task: no task to create and schedule. For
+        callers that can wait for a round, such as a publish on a store whose calls never
+        suspend (a round there is a few microseconds of CPU)."""
+        if not self._claim():
+            return
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            self.kick()  # the caller was cancelled: finish in a task of our own
+            raise
 
     async def _run(self) -> None:
         try:
@@ -52,10 +75,7 @@ class Pump:
                 self._dirty = False
                 if await self.pump_once() or self._dirty:
                     continue
-                wake_at = await self.next_wake()
-                if self._dirty:
-                    continue
-                self._arm(wake_at)
+                self._arm(self.next_wake())
                 break
         except asyncio.CancelledError:
             raise
@@ -63,28 +83,55 @@ class Pump:
             self.on_error(exc)
             self._arm(time.time() + 1.0)
         finally:
+            self._busy = False
             self._task = None
+            done, self._done = self._done, None
+            if done is not None and not done.done():
+                done.set_result(None)
 
     def _arm(self, wake_at: float | None) -> None:
-        if self._timer is not None:
+        """Wake at ``wake_at``. A timer already set to fire no later stays: an early wake costs
+        one idle round, while re-arming after every round (each pushes the lease deadline on)
+        costs a timer per message."""
+        if wake_at is not None and math.isfinite(wake_at) and not self._stopped:
+            if self._timer is not None and self._timer_at <= wake_at:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = wake_at
+            delay = max(0.0, wake_at - time.time())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        elif self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if wake_at is not None and math.isfinite(wake_at) and not self._stopped:
-            delay = max(0.0, wake_at - time.time())
-            self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.kick()
 
     async def stop(self) -> None:
+        """No more rounds; waits (up to 5 s) for one under way to finish its store call."""
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        if not self._busy:
+            return
         task = self._task
-        if task is not None:  # let it finish its store call: it hands nothing out any more
-            await asyncio.wait({task}, timeout=5.0)
+        if task is None:  # a caller runs it: wait for its round, not for the caller
+            if self._done is None:
+                self._done = asyncio.get_running_loop().create_future()
+            waited: asyncio.Future[None] = self._done
+        elif task is asyncio.current_task():
+            return
+        else:
+            waited = task
+        await asyncio.wait({waited}, timeout=5.0)
 
     async def pump_once(self) -> bool:
         raise NotImplementedError
 
-    async def next_wake(self) -> float | None:
+    def next_wake(self) -> float | None:
         return None
 
     def on_error(self, exc: Exception) -> None:
@@ -155,7 +202,11 @@ class GroupDispatcher(Pump):
                 if len(fresh) < room:
                     self._exhausted_at = marker
                 if fresh:
-                    batch += await self._screen(fresh, now, redelivery=False)
+                    for m in fresh:
+                        if 0.0 < m.expires_at <= now:  # rare: screen the lot
+                            fresh = await self._screen(fresh, now, redelivery=False)
+                            break
+                    batch = batch + fresh if batch else fresh
             if batch:
                 progressed = True
                 if sub.closed:  # it went away while we awaited the store
@@ -193,7 +244,7 @@ class GroupDispatcher(Pump):
         gone = set(expired) | {m.seq for m in dead}
         return [m for m in msgs if m.seq not in gone]
 
-    async def next_wake(self) -> float | None:
+    def next_wake(self) -> float | None:
         now = time.time()
         wake = self._next_due
         sweep = self.broker.store.sweep_interval

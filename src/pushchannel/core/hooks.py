@@ -7,7 +7,7 @@ hooks in order. A hook must be cheap and must not raise: it runs inside publish 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,50 +53,79 @@ class BrokerHooks:
         """A background task (dispatch, retention, ...) failed and will retry."""
 
 
-class HookChain(BrokerHooks):
-    """Calls each hook in turn."""
+def _overrides(hooks: Sequence[BrokerHooks], event: str) -> tuple[Callable[..., None], ...]:
+    """The bound ``event`` methods of the hooks that do something on it."""
+    base = getattr(BrokerHooks, event)
+    return tuple(getattr(h, event) for h in hooks if getattr(type(h), event) is not base)
 
-    __slots__ = ("hooks",)
+
+class HookChain(BrokerHooks):
+    """Calls each hook in turn; a hook that does not override an event is not called for it
+    (the per-message events run on every publish, delivery and ack)."""
+
+    __slots__ = (
+        "_ack",
+        "_dead_letter",
+        "_deliver",
+        "_error",
+        "_expired",
+        "_nack",
+        "_publish",
+        "_redeliver",
+        "_subscribe",
+        "_unsubscribe",
+        "hooks",
+    )
 
     def __init__(self, *hooks: BrokerHooks) -> None:
         self.hooks: tuple[BrokerHooks, ...] = hooks
+        self._publish = _overrides(hooks, "on_publish")
+        self._deliver = _overrides(hooks, "on_deliver")
+        self._ack = _overrides(hooks, "on_ack")
+        self._nack = _overrides(hooks, "on_nack")
+        self._redeliver = _overrides(hooks, "on_redeliver")
+        self._dead_letter = _overrides(hooks, "on_dead_letter")
+        self._expired = _overrides(hooks, "on_expired")
+        self._subscribe = _overrides(hooks, "on_subscribe")
+        self._unsubscribe = _overrides(hooks, "on_unsubscribe")
+        self._error = _overrides(hooks, "on_error")
 
     def on_publish(self, channel: str, stored: int, duplicates: int, seconds: float) -> None:
-        for h in self.hooks:
-            h.on_publish(channel, stored, duplicates, seconds)
+        for f in self._publish:
+            f(channel, stored, duplicates, seconds)
 
     def on_deliver(self, channel: str, group: str, messages: Sequence[Stored], now: float) -> None:
-        for h in self.hooks:
-            h.on_deliver(channel, group, messages, now)
+        for f in self._deliver:
+            f(channel, group, messages, now)
 
     def on_ack(self, channel: str, group: str, n: int) -> None:
-        for h in self.hooks:
-            h.on_ack(channel, group, n)
+        for f in self._ack:
+            f(channel, group, n)
 
     def on_nack(self, channel: str, group: str, n: int) -> None:
-        for h in self.hooks:
-            h.on_nack(channel, group, n)
+        for f in self._nack:
+            f(channel, group, n)
 
     def on_redeliver(self, channel: str, group: str, n: int) -> None:
-        for h in self.hooks:
-            h.on_redeliver(channel, group, n)
+        for f in self._redeliver:
+            f(channel, group, n)
 
     def on_dead_letter(self, channel: str, group: str, n: int) -> None:
-        for h in self.hooks:
-            h.on_dead_letter(channel, group, n)
+        for f in self._dead_letter:
+            f(channel, group, n)
 
     def on_expired(self, channel: str, n: int) -> None:
-        for h in self.hooks:
-            h.on_expired(channel, n)
+        for f in self._expired:
+            f(channel, n)
 
     def on_subscribe(self, sub: Subscription) -> None:
-        for h in self.hooks:
-            h.on_subscribe(sub)
+        for f in self._subscribe:
+            f(sub)
 
     def on_unsubscribe(self, sub: Subscription) -> None:
-        for h in self.hooks:
-            h.on_unsubscribe(sub)
+        for f in self._unsubscribe:
+            f(sub)
 
     def on_error(self, where: str, channel: str, exc: BaseException) -> None:
-        for h in self.hooks:
-            h.on_error(where, channel, exc)
+        for f in self._error:
+            f(where, channel, exc)

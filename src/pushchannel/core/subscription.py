@@ -11,11 +11,7 @@ from pushchannel.core.model import StartSpec, Stored
 from pushchannel.errors import PushChannelError
 
 _LAPSED_CAP_FACTOR = 10
-
-
-def _time_up(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+_TIMER_SLACK = 0.002  # s: event loops may fire a timer up to a tick early
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +31,9 @@ class Subscription:
 
     __slots__ = (
         "_earliest",
+        "_idle_at",
+        "_idle_timer",
+        "_idle_timer_at",
         "_lapsed",
         "_outbox",
         "_waiter",
@@ -67,6 +66,10 @@ class Subscription:
         self._earliest = math.inf
         self._outbox: deque[list[Stored]] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # The heartbeat timer of next_batch: set once and moved on lazily (see _idle_check).
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_at = 0.0  # loop time at which the current wait times out
+        self._idle_timer_at = 0.0  # loop time at which the timer fires
         self.closed = False
         self.error: PushChannelError | None = None
 
@@ -133,8 +136,27 @@ class Subscription:
             self.closed = True
             self.error = error
             self._wake()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _idle_check(self) -> None:
+        """The heartbeat timer fired. A stream that got something meanwhile started a later
+        wait: follow it there. One timer per subscription, moved at most once per interval,
+        instead of a timer set and cancelled around every wait (one per message when busy)."""
+        self._idle_timer = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() + _TIMER_SLACK < self._idle_at:
+            self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
+            self._idle_timer_at = self._idle_at
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -147,11 +169,15 @@ class Subscription:
         if not self._outbox and not self.closed:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _time_up, waiter)  # cheaper than asyncio.wait_for
+            at = self._idle_at = loop.time() + timeout
+            if self._idle_timer is None or self._idle_timer_at > at + _TIMER_SLACK:
+                if self._idle_timer is not None:  # a shorter timeout than last time
+                    self._idle_timer.cancel()
+                self._idle_timer = loop.call_at(at, self._idle_check)
+                self._idle_timer_at = at
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._outbox and not self.closed:
                 return None

@@ -133,6 +133,8 @@ class _Channel:
 class MemoryStore(Store):
     """Every structure is a plain dict or list; no call awaits, so each is atomic."""
 
+    immediate = True
+
     def __init__(self) -> None:
         super().__init__()
         self._channels: dict[str, _Channel] = {}
@@ -153,39 +155,44 @@ class MemoryStore(Store):
     async def append(
         self, channel: str, messages: Sequence[NewMessage], now: float, policy: ChannelPolicy
     ) -> list[AppendResult]:
-        ch = self._create(channel, policy)
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._create(channel, policy)
         window = policy.dedupe_window
-        ch.prune_dedupe(now, window)
+        if ch.dedupe_order:
+            ch.prune_dedupe(now, window)
         results: list[AppendResult] = []
         fresh: list[Stored] = []
-        seen: dict[str, int] = {}
+        seen: dict[str, int] | None = None  # ids in this batch, made at the first id
+        added = 0
         seq = ch.last_seq
         for m in messages:
-            if m.id:
-                hit = ch.dedupe.get(m.id)
+            mid = m.id
+            if mid:
+                hit = ch.dedupe.get(mid)
                 if hit is not None:
                     results.append(AppendResult(hit[0], True))
                     continue
-                if m.id in seen:
-                    results.append(AppendResult(seen[m.id], True))
+                if seen is None:
+                    seen = {}
+                elif mid in seen:
+                    results.append(AppendResult(seen[mid], True))
                     continue
+                seen[mid] = seq + 1
             seq += 1
-            if m.id:
-                seen[m.id] = seq
             results.append(AppendResult(seq, False))
-            fresh.append(
-                Stored(
-                    seq=seq,
-                    id=m.id,
-                    payload=m.payload,
-                    attributes=m.attributes,
-                    publish_time=now,
-                    expires_at=now + m.ttl if m.ttl > 0 else 0.0,
-                )
+            stored = Stored(
+                seq=seq,
+                id=mid,
+                payload=m.payload,
+                attributes=m.attributes,
+                publish_time=now,
+                expires_at=now + m.ttl if m.ttl > 0 else 0.0,
             )
+            fresh.append(stored)
+            added += _size(stored)
         if not fresh:
             return results
-        added = sum(_size(m) for m in fresh)
         if policy.discard == "reject":
             if self._over(ch, policy, len(fresh), added):
                 self._trim_acked(ch, None)  # make room from what no group needs any more
@@ -197,14 +204,15 @@ class MemoryStore(Store):
         ch.msgs.extend(fresh)
         ch.last_seq = seq
         ch.nbytes += added
-        if window > 0:
-            for s in fresh:
-                if s.id:
-                    ch.dedupe[s.id] = (s.seq, now)
-                    ch.dedupe_order.append((now, s.id))
-        if policy.discard == "drop-oldest":
+        if window > 0 and seen is not None:
+            for st in fresh:
+                if st.id:
+                    ch.dedupe[st.id] = (st.seq, now)
+                    ch.dedupe_order.append((now, st.id))
+        if policy.discard == "drop-oldest" and self._over(ch, policy, 0, 0):
             ch.dropped += self._enforce_size(ch, policy)
-        self._wake(channel)
+        if self._waiters:
+            self._wake(channel)
         return results
 
     @staticmethod
