@@ -23,6 +23,8 @@ from pushchannel.store.base import Store
 
 log = logging.getLogger("pushchannel.broker")
 
+_VALID_CHANNELS_CAP = 10_000
+
 
 @dataclass(slots=True)
 class BrokerStats(BrokerHooks):
@@ -131,6 +133,7 @@ class Broker:
         self._ids = itertools.count(1)
         self._hubs: dict[str, ChannelHub] = {}
         self._touched: set[str] = set()
+        self._valid_channels: set[str] = set()  # names that passed check_channel (capped)
         self._age_due: dict[str, float] = {}  # channel -> when its oldest message passes max_age
         self._retention_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -175,7 +178,11 @@ class Broker:
     # -- publishing ------------------------------------------------------------------------------
     async def publish(self, channel: str, messages: Sequence[NewMessage]) -> list[AppendResult]:
         cfg = self.config
-        validation.check_channel(channel, cfg.limits)
+        if channel not in self._valid_channels:  # the name's rules, checked once per name
+            validation.check_channel(channel, cfg.limits)
+            if len(self._valid_channels) >= _VALID_CHANNELS_CAP:
+                self._valid_channels.clear()
+            self._valid_channels.add(channel)
         validation.check_messages(messages, cfg.limits)
         if self._closing:
             raise Unavailable("the broker is shutting down: publish to another node or retry")

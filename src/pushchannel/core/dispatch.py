@@ -73,7 +73,8 @@ class Pump:
         try:
             while not self._stopped:
                 self._dirty = False
-                if await self.pump_once() or self._dirty:
+                progressed = await self.pump_once()
+                if self._dirty or (progressed and not self.idle()):
                     continue
                 self._arm(self.next_wake())
                 break
@@ -129,7 +130,13 @@ class Pump:
         await asyncio.wait({waited}, timeout=5.0)
 
     async def pump_once(self) -> bool:
+        """One round; whether it moved anything."""
         raise NotImplementedError
+
+    def idle(self) -> bool:
+        """Whether another round now would find nothing to do (after one that made progress:
+        if so, the runner ends without trying)."""
+        return False
 
     def next_wake(self) -> float | None:
         return None
@@ -163,6 +170,9 @@ class GroupDispatcher(Pump):
     def has_work(self, now: float) -> bool:
         """Whether a round could hand anything out: unread messages, or something due."""
         return self.hub.last_seq > self._exhausted_at or self._next_due <= now
+
+    def idle(self) -> bool:
+        return not self.has_work(time.time())
 
     async def pump_once(self) -> bool:
         if not self.has_work(time.time()):
@@ -313,6 +323,9 @@ class BroadcastFan(Pump):
         """The log grew: every feeder is behind now."""
         self._waiting = dict.fromkeys(self.hub.feeders.values())
         self.kick()
+
+    def idle(self) -> bool:
+        return not self._waiting
 
     def forget(self, feeder: BroadcastFeeder) -> None:
         self._waiting.pop(feeder, None)

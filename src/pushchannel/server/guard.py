@@ -10,7 +10,9 @@ client could fill the log at will. :func:`guarded` wraps the handlers as they ar
 - in a request stream, the bad frame raises :class:`~pushchannel.errors.InvalidArgument` where
   the servicer reads it, which the servicer turns into that status like any other error.
 
-Usage: ``add_BrokerServicer_to_server(servicer, guarded(server))``.
+Usage: ``add_BrokerServicer_to_server(servicer, guarded(server))``. The methods are served
+through generic handlers only, not registered one by one (see
+:meth:`_GuardedServer.add_registered_method_handlers`).
 """
 
 from __future__ import annotations
@@ -161,8 +163,11 @@ class _GuardedServer:
         self._server.add_generic_rpc_handlers(tuple(_GuardedHandler(h) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
-        register: Any = self._server.add_registered_method_handlers  # type: ignore[attr-defined]
-        register(service, {name: _guard(f"/{service}/{name}", h) for name, h in handlers.items()})
+        """Not registered: the generic handler added just before serves these methods. grpc.aio's
+        server keeps one pending request future per registered method and waits on all of them
+        (``asyncio.wait``) for every incoming call, so each registered method costs every call
+        a done-callback added and removed; with the broker's 13, that was ~11 us of CPU per
+        unary call (the seed path's SubmitMessage, measured side by side)."""
 
 
 def guarded(server: aio.Server) -> Any:

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pushchannel._proto import push_pb2
 from pushchannel._proto.pushchannel.v1 import broker_pb2
+from pushchannel.server.guard import guarded
 
 __all__ = ["SERVICE_NAMES", "Health", "HealthServicer"]
 
@@ -97,7 +98,7 @@ class Health:
 
     def add_to(self, server: aio.Server) -> None:
         """Register health and reflection (which lists every service, its own too)."""
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, guarded(server))
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
 
