@@ -132,3 +132,27 @@ def test_targets_are_judged_only_on_their_shape():
     seed = _result("seed", [950.0], [1000.0])
     (check,) = judge([seed])
     assert check.met is True and math.isclose(0.95, float(check.value.split()[0]))
+
+
+def test_fanout_reports_cpu_per_round_and_the_target_quotes_raw_grpc_from_the_same_run():
+    def runs(ms: float, cpu: float) -> SystemRuns:
+        return SystemRuns(runs=[{"one_to_all_ms": ms, "one_to_all_max_ms": ms, "server_cpu_ms": cpu}])
+
+    result = ScenarioResult(
+        name="fanout",
+        title="t",
+        params={"subscribers": 5000},
+        metrics=[],
+        systems={OURS: runs(380.0, 330.0), RAW: runs(370.0, 297.0)},
+        ratio_metrics=["one_to_all_ms"],
+    )
+    (check,) = judge([result])
+    assert check.met is False
+    assert "raw gRPC 370.0 ms" in check.value and "297.0 ms per round" in check.value
+
+
+def test_fanout_scenario_measures_server_and_load_cpu(capsys):
+    (fanout,) = run_json(capsys, "fanout", "--repeat", "1")["scenarios"]
+    for system in ("pushchannel", "raw", "minimal"):
+        (run,) = fanout["systems"][system]["runs"]
+        assert run["server_cpu_ms"] >= 0 and run["load_cpu_ms"] > 0

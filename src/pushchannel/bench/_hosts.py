@@ -37,9 +37,9 @@ T = TypeVar("T")
 # -- fanout ----------------------------------------------------------------------------------------
 
 
-async def fanout(target: str, p: FanoutParams) -> Figures:
+async def fanout(target: str, p: FanoutParams, server_cpu: Callable[[], float]) -> Figures:
     """N broadcast subscribers on one channel; each round publishes one message and times it
-    until every subscriber has read it."""
+    until every subscriber has read it. ``server_cpu``: the server process's CPU seconds so far."""
     channel = channel_name("fan")
     rounds: list[Counter] = [Counter(p.subscribers) for _ in range(p.rounds)]
     sink = Counter(1 << 62)  # rounds are counted by record()
@@ -85,6 +85,7 @@ async def fanout(target: str, p: FanoutParams) -> Figures:
         loop = asyncio.get_running_loop()
         readers = [loop.create_task(reader(c)) for c in calls]
         times: list[float] = []
+        cpu_at_start = server_cpu(), time.process_time()
         try:
             async with asyncio.timeout(p.timeout):
                 for counter in rounds:
@@ -95,6 +96,7 @@ async def fanout(target: str, p: FanoutParams) -> Figures:
                     await until(counter, readers)
                     times.append(counter.finished_at - t0)
                     await asyncio.sleep(0.05)
+            server_cpu_s, load_cpu_s = server_cpu() - cpu_at_start[0], time.process_time() - cpu_at_start[1]
         except TimeoutError:
             got = [c.count for c in rounds]
             raise BenchError(f"fanout: not everyone got every round within {p.timeout:g} s: {got}") from None
@@ -108,6 +110,8 @@ async def fanout(target: str, p: FanoutParams) -> Figures:
         "one_to_all_ms": mid * 1000,
         "one_to_all_max_ms": times[-1] * 1000,
         "deliveries_per_s": p.subscribers / mid,
+        "server_cpu_ms": server_cpu_s * 1000 / p.rounds,
+        "load_cpu_ms": load_cpu_s * 1000 / p.rounds,
         "open_s": open_s,
     }
 

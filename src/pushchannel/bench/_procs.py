@@ -98,6 +98,15 @@ class Process:
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         return int(match.group(1)) * 1024 if match else 0
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far (user and system, all threads)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError as e:
+            raise BenchError(f"cannot read the CPU time of {self.name}: {e}") from None
+        fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -238,7 +238,7 @@ def _latency_driver(server: Server, p: _load.LatencyParams) -> Awaitable[dict[st
 
 
 def _fanout_driver(server: Server, p: _load.FanoutParams) -> Awaitable[dict[str, float]]:
-    return _hosts.fanout(server.target, p)
+    return _hosts.fanout(server.target, p, server.cpu_seconds)
 
 
 def _streams_driver(server: Server, p: _load.StreamsParams) -> Awaitable[dict[str, float]]:
@@ -308,6 +308,8 @@ def fanout(p: _load.FanoutParams, store: str) -> Scenario:
             Metric("one_to_all_ms", "one to all ms (median round)", higher_is_better=False, digits=1),
             Metric("one_to_all_max_ms", "one to all ms (worst round)", higher_is_better=False, digits=1),
             Metric("deliveries_per_s", "deliveries/s"),
+            Metric("server_cpu_ms", "server CPU ms per round", higher_is_better=False, digits=1),
+            Metric("load_cpu_ms", "load CPU ms per round", higher_is_better=False, digits=1),
             Metric("open_s", "open all s", higher_is_better=False, digits=2),
         ),
         ratio_metrics=("one_to_all_ms",),
@@ -317,6 +319,9 @@ def fanout(p: _load.FanoutParams, store: str) -> Scenario:
             "one to all: from the Publish call to the last subscriber's read, measured in the one load "
             "process, whose Python reads every subscriber's stream: raw gRPC (nothing behind it) shows "
             "that share; the broker's own share is its excess over raw gRPC",
+            "server / load CPU ms per round: CPU time the server process and the load process used "
+            "over the rounds, per round: the two run side by side, so a round takes at "
+            "least the larger of the two",
         ),
     )
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pushchannel.bench._scenarios import MINIMAL, OURS, ScenarioResult
+from pushchannel.bench._scenarios import MINIMAL, OURS, RAW, ScenarioResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +103,19 @@ def judge(results: Sequence[ScenarioResult]) -> list[TargetCheck]:
         opened, served = st.median(OURS, "opened"), st.median(OURS, "served")
         ok = rss <= 25 and opened == n and served == n
         judged = n >= 10_000 and st.systems[OURS].runs
+        raw_run = _find(results, "streams", client="raw")
+        raw = ""
+        if raw_run is not None and RAW in raw_run.systems and raw_run.systems[RAW].runs:
+            raw = (
+                f"; raw gRPC ({raw_run.params['per_connection']} per connection) "
+                f"{_fmt(raw_run.median(RAW, 'rss_per_stream_kb'), 1)} KB"
+            )
         checks.append(
             TargetCheck(
                 "10,000 idle host streams"
                 + (" (SDK clients)" if st.params.get("client") == "sdk" else " (raw stubs)"),
                 "<= 25 KB each, all opened at once and all served",
-                f"{_fmt(rss, 1)} KB each, {_fmt(opened)} opened, {_fmt(served)} served of {n:,}",
+                f"{_fmt(rss, 1)} KB each, {_fmt(opened)} opened, {_fmt(served)} served of {n:,}" + raw,
                 ok if judged else None,
                 "" if judged else f"not judged: needs >= 10,000 streams (ran {n:,})",
             )
@@ -118,11 +125,18 @@ def judge(results: Sequence[ScenarioResult]) -> list[TargetCheck]:
         n = fo.params["subscribers"]
         ms = fo.median(OURS, "one_to_all_ms")
         judged = n >= 5000 and math.isfinite(ms)
+        raw = ""
+        if RAW in fo.systems and fo.systems[RAW].runs:  # the ceiling, from the same run
+            raw = (
+                f"; raw gRPC {_fmt(fo.median(RAW, 'one_to_all_ms'), 1)} ms, its server's CPU alone "
+                f"{_fmt(fo.median(RAW, 'server_cpu_ms'), 1)} ms per round"
+            )
         checks.append(
             TargetCheck(
                 "one broadcast to 5,000 subscribers",
                 "delivered to all within 200 ms",
-                f"{_fmt(ms, 1)} ms (median round; worst {_fmt(fo.median(OURS, 'one_to_all_max_ms'), 1)} ms)",
+                f"{_fmt(ms, 1)} ms (median round; worst {_fmt(fo.median(OURS, 'one_to_all_max_ms'), 1)} ms)"
+                + raw,
                 (ms <= 200) if judged else None,
                 "" if judged else f"not judged: needs >= 5,000 subscribers (ran {n:,})",
             )
