@@ -196,6 +196,10 @@ def markdown(report: Report, plot: Path | None, markdown_path: Path) -> str:
         "- **minimal broker**: publish -> `asyncio.Queue` -> stream, with no store, acks or flow "
         "control: the least a broker can cost in Python.",
         "",
+        "Every process, the load's and each server's, runs with the broker's garbage-collector "
+        "settings (`pushchannel._gc`, see docs/operations.md): the baselines differ from the broker "
+        "in their servicers only.",
+        "",
     ]
     if report.targets:
         out += ["## Targets (issue #8)", "", "| target | goal | measured | verdict |", "|---|---|---|---|"]

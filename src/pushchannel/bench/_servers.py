@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
+from pushchannel._gc import tune_collector
 from pushchannel._proto import push_pb2, push_pb2_grpc
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
@@ -308,6 +309,7 @@ async def _serve(kind: str, listen: str) -> None:
     server = build(kind)
     port = server.add_insecure_port(listen)
     await server.start()
+    tune_collector()  # as the broker does: the baselines differ from it in their servicers only
     print(f"{kind} listening on {listen.rsplit(':', 1)[0]}:{port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -14,6 +13,7 @@ from collections.abc import Callable
 import grpc
 from grpc import aio
 
+from pushchannel._gc import tune_collector
 from pushchannel._proto import push_pb2_grpc
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.config import ServerConfig
@@ -35,7 +35,6 @@ log = logging.getLogger("pushchannel.server")
 
 MAX_MESSAGE_BYTES = 16 << 20
 HEALTH_PROBE_CHANNEL = "pushchannel.health-probe"  # read, never created
-GC_THRESHOLDS = (2000, 300)  # the collector's young and middle thresholds (Python's: 700, 10)
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -153,19 +152,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
 async def _serve(config: ServerConfig) -> int:
     running = await start_server(config)
-    # What start-up allocated (modules, gRPC, protobuf) lives as long as the process: keep it
-    # out of the collector's full passes, which would otherwise stall every stream for
-    # milliseconds each time they run.
-    gc.collect()
-    gc.freeze()
-    # Fewer passes that promote: a broadcast to thousands of streams holds that many writes'
-    # objects at once, and each pass that runs in the middle of it promotes them all. With
-    # Python's thresholds (700, 10, 10) the promoted objects soon set off full passes over
-    # every stream, which were half the server's CPU in a 1 -> 5,000 broadcast. Young passes
-    # stay small (a large young threshold would make each one a stall of milliseconds); the
-    # middle generation every 600,000 allocations, not 7,000; full passes keep their rule.
-    _, _, oldest = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS, oldest)
+    tune_collector()  # after start-up: see pushchannel._gc
     store = redact_url(config.store_url)
     fields = {"event": "listening", "listen": running.target, "store": store}
     if running.metrics is not None and config.metrics_listen is not None:
