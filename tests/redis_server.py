@@ -97,6 +97,10 @@ def command(port: int, *args: str, timeout: float = 5.0) -> bytes:
         return data
 
 
+class _PortTaken(RuntimeError):
+    """redis-server could not bind its port (or its cluster bus port)."""
+
+
 class RedisServer:
     """One redis-server on 127.0.0.1. In memory only unless ``appendonly`` (AOF, fsync everysec)."""
 
@@ -107,12 +111,16 @@ class RedisServer:
         port: int | None = None,
         appendonly: bool = False,
         extra: tuple[str, ...] = (),
+        cluster_port: bool = False,
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._chosen_port = port is None  # ours to pick again if someone takes it first
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra = extra
+        # A cluster node's bus port, picked here (not port + 10000: that one may be taken).
+        self.cluster_port = free_port() if cluster_port else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,7 +128,23 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start and wait for PING. A port picked free can be taken by another process before
+        redis-server binds it: then it is picked again, up to 3 times in all."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if (not self._chosen_port and self.cluster_port is None) or attempt == 2:
+                    raise
+                if self._chosen_port:
+                    self.port = free_port()
+                if self.cluster_port is not None:
+                    self.cluster_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> RedisServer:
         binary = require_redis()
+        bus = () if self.cluster_port is None else ("--cluster-port", str(self.cluster_port))
         args = [
             binary,
             "--port", str(self.port),
@@ -132,6 +156,7 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
             *self.extra,
+            *bus,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             [*_DIE_WITH_PARENT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -140,7 +165,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {log}")
+                error = _PortTaken if "Address already in use" in log else RuntimeError
+                raise error(f"redis-server exited with {self.proc.returncode}: {log}")
             if ping(self.port):
                 return self
             time.sleep(0.02)
@@ -183,9 +209,8 @@ class LocalCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
-                    "--cluster-port",
-                    str(free_port()),  # not port + 10000: that one may be taken
                 ),
+                cluster_port=True,
             )
             for i in range(n)
         ]
