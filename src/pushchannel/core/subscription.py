@@ -33,7 +33,6 @@ class Subscription:
         "_earliest",
         "_idle_at",
         "_idle_timer",
-        "_idle_timer_at",
         "_lapsed",
         "_outbox",
         "_waiter",
@@ -69,7 +68,6 @@ class Subscription:
         # The heartbeat timer of next_batch: set once and moved on lazily (see _idle_check).
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_at = 0.0  # loop time at which the current wait times out
-        self._idle_timer_at = 0.0  # loop time at which the timer fires
         self.closed = False
         self.error: PushChannelError | None = None
 
@@ -155,7 +153,6 @@ class Subscription:
         loop = asyncio.get_running_loop()
         if loop.time() + _TIMER_SLACK < self._idle_at:
             self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
-            self._idle_timer_at = self._idle_at
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -170,11 +167,11 @@ class Subscription:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             at = self._idle_at = loop.time() + timeout
-            if self._idle_timer is None or self._idle_timer_at > at + _TIMER_SLACK:
-                if self._idle_timer is not None:  # a shorter timeout than last time
-                    self._idle_timer.cancel()
+            timer = self._idle_timer
+            if timer is None or timer.when() > at + _TIMER_SLACK:
+                if timer is not None:  # a shorter timeout than last time
+                    timer.cancel()
                 self._idle_timer = loop.call_at(at, self._idle_check)
-                self._idle_timer_at = at
             try:
                 await waiter
             finally:
