@@ -216,31 +216,30 @@ class MinimalBroker(broker_pb2_grpc.BrokerServicer):
         first = ch.seq + 1
         ch.seq += len(request.messages)
         now_us = int(time.time() * 1e6)
-        frame = pb.SubscribeResponse(
-            deliveries=pb.DeliveryBatch(
-                deliveries=[
-                    pb.Delivery(
-                        channel=name,
-                        seq=seq,
-                        id=m.id,
-                        payload=m.payload,
-                        attributes=m.attributes,
-                        publish_time_us=now_us,
-                        attempt=1,
-                        delivery_tag=seq,
-                    )
-                    for seq, m in enumerate(request.messages, first)
-                ]
+        # Repeated fields filled in place, as the broker's servicer does (server/convert.py).
+        frame = pb.SubscribeResponse()
+        add = frame.deliveries.deliveries.add
+        for seq, m in enumerate(request.messages, first):
+            add(
+                channel=name,
+                seq=seq,
+                id=m.id,
+                payload=m.payload,
+                attributes=m.attributes,
+                publish_time_us=now_us,
+                attempt=1,
+                delivery_tag=seq,
             )
-        )
         if ch.broadcast:
             for q in ch.broadcast:
                 q.put_nowait(frame)
         else:
             ch.queue.put_nowait(frame)
-        return pb.PublishResponse(
-            results=[pb.PublishResult(seq=seq) for seq in range(first, ch.seq + 1)], ref=request.ref
-        )
+        response = pb.PublishResponse(ref=request.ref)
+        add_result = response.results.add
+        for seq in range(first, ch.seq + 1):
+            add_result(seq=seq)
+        return response
 
     async def Publish(self, request: pb.PublishRequest, context: Ctx) -> pb.PublishResponse:
         return self._publish(request)

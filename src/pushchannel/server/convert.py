@@ -16,23 +16,32 @@ _POSITIONS = {pb.Open.DEFAULT: "default", pb.Open.NEW: "new", pb.Open.EARLIEST: 
 _NO_ATTRIBUTES: dict[str, str] = {}
 
 
+# Per-message code here runs for every message published and delivered, so it is written for
+# speed (measured with timeit, 100 messages of 100 B, upb protobuf):
+# - repeated message fields are filled in place with ``add(...)``: building standalone messages
+#   and passing the list copies each into the field (2.3 -> 0.9 us per delivery);
+# - NewMessage takes its fields by position (0.83 -> 0.58 us per message, parse included);
+# - copying an empty protobuf map costs as much as the rest of the message: it is skipped.
+
+
 def new_messages(req: pb.PublishRequest) -> list[NewMessage]:
-    # Copying an empty protobuf map costs as much as the rest of the message: skip it.
     return [
         NewMessage(
-            payload=m.payload,
-            id=m.id,
-            attributes=dict(m.attributes) if len(m.attributes) else _NO_ATTRIBUTES,
-            ttl=m.ttl_ms / 1000.0,
+            m.payload, m.id, dict(m.attributes) if len(m.attributes) else _NO_ATTRIBUTES, m.ttl_ms / 1000.0
         )
         for m in req.messages
     ]
 
 
 def publish_response(results: Sequence[tuple[int, bool]], ref: int = 0) -> pb.PublishResponse:
-    return pb.PublishResponse(
-        results=[pb.PublishResult(seq=seq, duplicate=dup) for seq, dup in results], ref=ref
-    )
+    response = pb.PublishResponse(ref=ref)
+    add = response.results.add
+    for seq, dup in results:
+        if dup:
+            add(seq=seq, duplicate=True)
+        else:
+            add(seq=seq)
+    return response
 
 
 def start_spec(op: pb.Open) -> StartSpec:
@@ -101,24 +110,20 @@ def frames(batch: list[Stored]) -> list[list[Stored]]:
 
 
 def deliveries(channel: str, batch: list[Stored]) -> pb.SubscribeResponse:
-    Delivery = pb.Delivery
-    return pb.SubscribeResponse(
-        deliveries=pb.DeliveryBatch(
-            deliveries=[
-                Delivery(
-                    channel=channel,
-                    seq=m.seq,
-                    id=m.id,
-                    payload=m.payload,
-                    attributes=m.attributes or None,
-                    publish_time_us=int(m.publish_time * 1_000_000),
-                    attempt=m.attempt,
-                    delivery_tag=m.seq,
-                )
-                for m in batch
-            ]
+    response = pb.SubscribeResponse()
+    add = response.deliveries.deliveries.add
+    for m in batch:
+        add(
+            channel=channel,
+            seq=m.seq,
+            id=m.id,
+            payload=m.payload,
+            attributes=m.attributes or None,
+            publish_time_us=int(m.publish_time * 1_000_000),
+            attempt=m.attempt,
+            delivery_tag=m.seq,
         )
-    )
+    return response
 
 
 def channel_info(stats: ChannelStats, subs: list[Subscription], now: float) -> pb.ChannelInfo:

@@ -181,14 +181,8 @@ class MemoryStore(Store):
                 seen[mid] = seq + 1
             seq += 1
             results.append(AppendResult(seq, False))
-            stored = Stored(
-                seq=seq,
-                id=mid,
-                payload=m.payload,
-                attributes=m.attributes,
-                publish_time=now,
-                expires_at=now + m.ttl if m.ttl > 0 else 0.0,
-            )
+            # by position: half the cost of keywords, once per message published
+            stored = Stored(seq, mid, m.payload, m.attributes, now, now + m.ttl if m.ttl > 0 else 0.0)
             fresh.append(stored)
             added += _size(stored)
         if not fresh:
