@@ -198,3 +198,16 @@ async def test_a_shorter_heartbeat_interval_is_not_held_up_by_a_longer_timer() -
     assert await sub.next_batch(0.1) is None
     assert time.monotonic() - t0 < 2.0
     sub.close()
+
+
+async def test_batches_that_piled_up_go_out_coalesced_in_order_up_to_1000() -> None:
+    sub = _subscription()
+    seq = iter(range(1, 10_000))
+    piled = [[_message(next(seq)) for _ in range(n)] for n in (400, 400, 400, 10)]
+    for batch in piled:
+        sub.push(batch, float("inf"))
+    first = await sub.next_batch(1.0)  # coalescing stops once a batch holds 1000 or more
+    assert first == piled[0] + piled[1] + piled[2]
+    assert await sub.next_batch(1.0) == piled[3]
+    sub.close()
+    assert await sub.next_batch(1.0) == []  # closed cleanly, nothing left

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 from pushchannel.core.model import StartSpec, Stored
@@ -63,7 +62,9 @@ class Subscription:
         self.in_flight: dict[int, float] = {}  # seq -> lease deadline (unix s)
         self._lapsed: dict[int, None] = {}  # leases that ran out: still ack-able, no credit
         self._earliest = math.inf
-        self._outbox: deque[list[Stored]] = deque()
+        # A list, not a deque: it holds a batch or two at a time, and an idle subscription's
+        # empty list costs 56 bytes where a deque costs 760 (one per host stream).
+        self._outbox: list[list[Stored]] = []
         self._waiter: asyncio.Future[None] | None = None
         # The heartbeat timer of next_batch: set once and moved on lazily (see _idle_check).
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -178,10 +179,13 @@ class Subscription:
                 self._waiter = None
             if not self._outbox and not self.closed:
                 return None
-        if self._outbox:
-            batch = self._outbox.popleft()
-            while self._outbox and len(batch) < 1000:  # coalesce what piled up
-                batch = batch + self._outbox.popleft()
+        outbox = self._outbox
+        if outbox:
+            batch, taken = outbox[0], 1
+            while taken < len(outbox) and len(batch) < 1000:  # coalesce what piled up
+                batch = batch + outbox[taken]
+                taken += 1
+            del outbox[:taken]
             return batch
         if self.error is not None:
             raise self.error
