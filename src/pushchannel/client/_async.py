@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -88,7 +88,7 @@ class AsyncClient:
     ) -> PublishResult:
         """Store one message on ``channel`` and return where it went.
 
-        ``payload`` ``str`` is sent as UTF-8. Without ``id`` the client makes one up (a uuid4),
+        ``payload`` ``str`` is sent as UTF-8. Without ``id`` the client makes one up (128 random bits),
         so a retry of this very call can never store the message twice. ``ttl`` (seconds): a
         message not delivered within it is dropped.
 
@@ -96,8 +96,9 @@ class AsyncClient:
         the same id as the client's :class:`RetryPolicy` says; one that cannot succeed (bad
         input, permission, a full channel) raises at once.
         """
-        message = _encode(OutgoingMessage(payload, id=id, attributes=attributes or {}, ttl=ttl))
-        (result,) = await self._publish(channel, [message])
+        request = pb.PublishRequest(channel=channel)
+        request.messages.add(**_fields(OutgoingMessage(payload, id=id, attributes=attributes or {}, ttl=ttl)))
+        (result,) = await self._publish(request)
         return result
 
     async def publish_many(
@@ -111,14 +112,14 @@ class AsyncClient:
         batches stored and the later ones not.
         """
         results: list[PublishResult] = []
-        for batch in _batches(_encode(m) for m in messages):
-            results.extend(await self._publish(channel, batch))
+        for request in _requests(channel, messages):
+            results.extend(await self._publish(request))
         return results
 
-    async def _publish(self, channel: str, messages: list[pb.Message]) -> list[PublishResult]:
+    async def _publish(self, request: pb.PublishRequest) -> list[PublishResult]:
         if self._closed:
             raise RuntimeError("this pushchannel client is closed")
-        return await self._publisher.publish(channel, messages)
+        return await self._publisher.publish(request)
 
     def subscribe(
         self,
@@ -210,31 +211,41 @@ def _open_request(
     return request
 
 
-def _encode(message: bytes | str | OutgoingMessage) -> pb.Message:
+def _fields(message: bytes | str | OutgoingMessage) -> dict[str, Any]:
+    """A message's protobuf fields. The caller adds them to its request in place
+    (``request.messages.add(**fields)``): a message built on its own would be copied into the
+    request, which costs more than building it."""
     if not isinstance(message, OutgoingMessage):
-        return pb.Message(id=new_message_id(), payload=as_payload(message))
+        return {"id": new_message_id(), "payload": as_payload(message)}
     ttl_ms = 0
     if message.ttl is not None:
         if message.ttl <= 0:
             raise ValueError("ttl must be positive")
         ttl_ms = max(1, round(message.ttl * 1000))
-    return pb.Message(
-        id=message.id or new_message_id(),
-        payload=as_payload(message.payload),
-        attributes=message.attributes,
-        ttl_ms=ttl_ms,
-    )
+    return {
+        "id": message.id or new_message_id(),
+        "payload": as_payload(message.payload),
+        "attributes": message.attributes,
+        "ttl_ms": ttl_ms,
+    }
 
 
-def _batches(messages: Iterable[pb.Message]) -> Iterator[list[pb.Message]]:
-    batch: list[pb.Message] = []
+def _requests(channel: str, messages: Iterable[bytes | str | OutgoingMessage]) -> Iterator[pb.PublishRequest]:
+    """Publish requests of at most MAX_BATCH messages and about _MAX_BATCH_BYTES each, in order.
+    A message that does not encode raises when it is reached: the requests before it were
+    already yielded."""
+    request = pb.PublishRequest(channel=channel)
     size = 0
     for message in messages:
-        n = message.ByteSize()
-        if batch and (len(batch) >= MAX_BATCH or size + n > _MAX_BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(message)
+        fields = _fields(message)
+        n = request.messages.add(**fields).ByteSize()
+        count = len(request.messages)
+        if count > 1 and (count > MAX_BATCH or size + n > _MAX_BATCH_BYTES):
+            del request.messages[-1]  # it starts the next request
+            yield request
+            request = pb.PublishRequest(channel=channel)
+            request.messages.add(**fields)
+            size = 0
         size += n
-    if batch:
-        yield batch
+    if request.messages:
+        yield request

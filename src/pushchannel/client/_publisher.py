@@ -44,9 +44,9 @@ class Publisher:
         self._random = random
         self._clock = clock
 
-    async def publish(self, channel: str, messages: list[pb.Message]) -> list[PublishResult]:
-        """Store ``messages`` (each with an id) on ``channel`` atomically; one result each."""
-        request = pb.PublishRequest(channel=channel, messages=messages)
+    async def publish(self, request: pb.PublishRequest) -> list[PublishResult]:
+        """Store the request's messages (each with an id) atomically; one result each."""
+        channel = request.channel
         backoff = Backoff(self._policy, random=self._random, clock=self._clock)
         backoff.begin()
         while True:
