@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from typing import NamedTuple
 
 import grpc
@@ -269,19 +270,17 @@ class Stream:
             self._extender.cancel()
 
 
-_NO_TIME = publish_time_from_us(0)
-
-
 def _messages(deliveries: Iterable[pb.Delivery], sink: AckBatcher | None) -> list[Message]:
     """One frame's deliveries as Messages. Per message, the costly parts are skipped where
     they can be: an empty attribute map is not copied (copying it costs as much as the rest),
     and messages published together share one publish-time datetime."""
     out: list[Message] = []
-    last_us, last_time = -1, _NO_TIME
+    times: dict[int, datetime] = {}
     for d in deliveries:
         us = d.publish_time_us
-        if us != last_us:
-            last_us, last_time = us, publish_time_from_us(us)
+        publish_time = times.get(us)
+        if publish_time is None:
+            publish_time = times[us] = publish_time_from_us(us)
         attributes = d.attributes
         out.append(
             Message(
@@ -290,7 +289,7 @@ def _messages(deliveries: Iterable[pb.Delivery], sink: AckBatcher | None) -> lis
                 id=d.id,
                 payload=d.payload,
                 attributes=dict(attributes) if len(attributes) else {},
-                publish_time=last_time,
+                publish_time=publish_time,
                 attempt=d.attempt,
                 delivery_tag=d.delivery_tag,
                 sink=sink,
