@@ -11,7 +11,7 @@ import pytest
 from pushchannel.core.broker import Broker
 from pushchannel.core.dispatch import Pump
 from pushchannel.core.model import NewMessage, StartSpec, Stored
-from pushchannel.core.subscription import SubscribeParams, Subscription
+from pushchannel.core.subscription import IdleClock, SubscribeParams, Subscription
 from pushchannel.store.memory import MemoryStore
 
 
@@ -167,25 +167,66 @@ def _message(seq: int) -> Stored:
     return Stored(seq=seq, id="", payload=b"x", attributes={}, publish_time=0.0)
 
 
-def _subscription() -> Subscription:
-    return Subscription("s-1", SubscribeParams(channel="c"), "default", "peer", time.time())
+def _subscription(clock: IdleClock | None = None) -> Subscription:
+    clock = clock or IdleClock()
+    return Subscription("s-1", SubscribeParams(channel="c"), "default", "peer", time.time(), clock)
 
 
 async def test_heartbeat_after_a_quiet_interval_though_earlier_waits_got_data() -> None:
-    sub = _subscription()
-    for seq in range(1, 4):  # busy: each wait ends with data; the one timer is not reset each time
+    clock = IdleClock()
+    sub = _subscription(clock)
+    ticks = set()
+    for seq in range(1, 4):  # busy: each wait ends with data; the one wake-up is not moved each time
         waiting = asyncio.create_task(sub.next_batch(0.2))
         await asyncio.sleep(0.05)
+        ticks.add(sub._idle_tick)
         sub.push([_message(seq)], float("inf"))
         assert await waiting == [_message(seq)]
-    timer = sub._idle_timer
-    assert timer is not None
+    assert len(ticks) == 1 and 0 not in ticks
     t0 = time.monotonic()
     assert await sub.next_batch(0.2) is None  # then quiet: a heartbeat, a full interval later
     waited = time.monotonic() - t0
     assert 0.19 <= waited < 2.0
+    assert clock.waiting() == 0
     sub.close()
-    assert sub._idle_timer is None
+    assert sub._idle_tick == 0 and clock.waiting() == 0
+
+
+async def test_many_subscriptions_wait_on_one_loop_timer_and_none_wakes_early() -> None:
+    clock = IdleClock(resolution=0.05)
+    subs = [_subscription(clock) for _ in range(200)]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    async def wait(sub: Subscription, timeout: float) -> float:
+        assert await sub.next_batch(timeout) is None
+        return loop.time()  # when it woke
+
+    waits = [asyncio.create_task(wait(s, 0.1 + 0.001 * i)) for i, s in enumerate(subs)]
+    await asyncio.sleep(0)
+    assert clock.waiting() == 200
+    assert len({s._idle_tick for s in subs}) <= 8  # 0.1..0.3 s in 0.05 s ticks: shared buckets
+    done_at = await asyncio.gather(*waits)
+    for i, t in enumerate(done_at):
+        assert t - t0 >= 0.1 + 0.001 * i - 0.002, f"subscription {i} woke early"
+    assert max(done_at) - t0 < 2.0
+    assert clock.waiting() == 0 and clock._handle is None
+    for s in subs:
+        s.close()
+
+
+async def test_a_closed_subscription_leaves_the_clock_at_once() -> None:
+    clock = IdleClock()
+    keep, gone = _subscription(clock), _subscription(clock)
+    w1 = asyncio.create_task(keep.next_batch(0.2))
+    w2 = asyncio.create_task(gone.next_batch(0.2))
+    await asyncio.sleep(0.01)
+    assert clock.waiting() == 2
+    gone.close()
+    assert clock.waiting() == 1
+    assert await w2 == []  # closed cleanly
+    assert await w1 is None  # the other still gets its heartbeat
+    keep.close()
 
 
 async def test_a_shorter_heartbeat_interval_is_not_held_up_by_a_longer_timer() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel.core.broker import Broker
-from pushchannel.core.subscription import SubscribeParams, Subscription
+from pushchannel.core.subscription import IdleClock, SubscribeParams, Subscription
 from pushchannel.server.logs import ConnectionLog, configure_logging, log_auth_failure, redact_url
 from pushchannel.store.memory import MemoryStore
 from tests.conftest import free_port, wait_for_port
@@ -152,7 +152,8 @@ def test_text_lines_carry_the_same_fields() -> None:
     buf = io.StringIO()
     handler = configure_logging("text", stream=buf)
     try:
-        sub = Subscription("n-1", SubscribeParams("hosts.a b"), "default", "ipv4:127.0.0.1:5", 0.0)
+        params = SubscribeParams("hosts.a b")
+        sub = Subscription("n-1", params, "default", "ipv4:127.0.0.1:5", 0.0, IdleClock())
         ConnectionLog().on_subscribe(sub)
     finally:
         root.removeHandler(handler)

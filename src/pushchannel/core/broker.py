@@ -17,7 +17,7 @@ from pushchannel.core import validation
 from pushchannel.core.dispatch import BroadcastFan, BroadcastFeeder, GroupDispatcher, Pump
 from pushchannel.core.hooks import BrokerHooks, HookChain
 from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
-from pushchannel.core.subscription import SubscribeParams, Subscription
+from pushchannel.core.subscription import IdleClock, SubscribeParams, Subscription
 from pushchannel.errors import NotFound, PushChannelError, Unavailable
 from pushchannel.store.base import Store
 
@@ -137,6 +137,8 @@ class Broker:
         self._age_due: dict[str, float] = {}  # channel -> when its oldest message passes max_age
         self._retention_task: asyncio.Task[None] | None = None
         self._closing = False
+        #: Every subscription's heartbeat wake-up, on one loop timer.
+        self.idle_clock = IdleClock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -224,7 +226,7 @@ class Broker:
         store, channel, now = self.store, params.channel, time.time()
         sub_id = f"{self.node_id}-{next(self._ids)}"
         group = f"broadcast-{sub_id}" if params.broadcast else (params.group or DEFAULT_GROUP)
-        sub = Subscription(sub_id, params, group, peer, now)
+        sub = Subscription(sub_id, params, group, peer, now, self.idle_clock)
         # Every store call first; the hub and dispatcher bookkeeping below has no await, so
         # concurrent subscribes and closes on one channel cannot interleave within it.
         await store.ensure_channel(channel, cfg.policy_for(channel), now)

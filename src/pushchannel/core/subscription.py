@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -11,6 +12,74 @@ from pushchannel.errors import PushChannelError
 
 _LAPSED_CAP_FACTOR = 10
 _TIMER_SLACK = 0.002  # s: event loops may fire a timer up to a tick early
+
+
+class IdleClock:
+    """The heartbeat waits of every subscription, on one event-loop timer.
+
+    A subscription waiting for its next batch must wake up after ``timeout`` s to send a
+    heartbeat. A loop timer of its own costs about 0.6 KB per idle host stream (uvloop's handle,
+    its libuv timer, the callback's context); here a waiting subscription costs an entry in the
+    bucket of its tick. Wake-ups are rounded up to the next ``resolution`` tick: a heartbeat comes
+    up to ``resolution`` s late, never early.
+    """
+
+    __slots__ = ("_buckets", "_handle", "_handle_tick", "_ticks", "resolution")
+
+    def __init__(self, resolution: float = 0.05) -> None:
+        self.resolution = resolution
+        self._buckets: dict[int, dict[Subscription, None]] = {}
+        self._ticks: list[int] = []  # heap of the buckets' ticks (may hold ticks already gone)
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_tick = 0
+
+    def tick(self, at: float) -> int:
+        """The tick a wake-up due at loop time ``at`` is served in (at or after ``at``)."""
+        return math.ceil(at / self.resolution)
+
+    def add(self, sub: Subscription, tick: int) -> None:
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            self._buckets[tick] = {sub: None}
+            heapq.heappush(self._ticks, tick)
+            if self._handle is None or tick < self._handle_tick:
+                self._schedule(tick)
+        else:
+            bucket[sub] = None
+
+    def discard(self, sub: Subscription, tick: int) -> None:
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.pop(sub, None)
+            if not bucket:
+                del self._buckets[tick]
+
+    def waiting(self) -> int:
+        """Subscriptions with a wake-up set (for tests and stats)."""
+        return sum(len(b) for b in self._buckets.values())
+
+    def _schedule(self, tick: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = asyncio.get_running_loop().call_at(tick * self.resolution, self._fire)
+        self._handle_tick = tick
+
+    def _fire(self) -> None:
+        self._handle = None
+        now_tick = math.floor((asyncio.get_running_loop().time() + _TIMER_SLACK) / self.resolution)
+        ticks, buckets = self._ticks, self._buckets
+        due: list[Subscription] = []
+        while ticks and ticks[0] <= now_tick:
+            bucket = buckets.pop(heapq.heappop(ticks), None)
+            if bucket:
+                due.extend(bucket)
+        while ticks and ticks[0] not in buckets:  # emptied by discard
+            heapq.heappop(ticks)
+        if ticks:
+            self._schedule(ticks[0])
+        for sub in due:
+            sub._idle_tick = 0
+            sub._idle_check()
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +98,10 @@ class Subscription:
     outbox holds batches the servicer has not written yet. Delivery tags are seqs."""
 
     __slots__ = (
+        "_clock",
         "_earliest",
         "_idle_at",
-        "_idle_timer",
+        "_idle_tick",
         "_lapsed",
         "_outbox",
         "_waiter",
@@ -49,7 +119,9 @@ class Subscription:
         "since",
     )
 
-    def __init__(self, sub_id: str, params: SubscribeParams, group: str, peer: str, since: float) -> None:
+    def __init__(
+        self, sub_id: str, params: SubscribeParams, group: str, peer: str, since: float, clock: IdleClock
+    ) -> None:
         self.id = sub_id
         self.channel = params.channel
         self.group = group
@@ -66,8 +138,10 @@ class Subscription:
         # empty list costs 56 bytes where a deque costs 760 (one per host stream).
         self._outbox: list[list[Stored]] = []
         self._waiter: asyncio.Future[None] | None = None
-        # The heartbeat timer of next_batch: set once and moved on lazily (see _idle_check).
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # The heartbeat wake-up of next_batch, on the broker's shared clock: set once and moved
+        # on lazily (see _idle_check).
+        self._clock = clock
+        self._idle_tick = 0  # the clock tick this subscription is woken in (0: none)
         self._idle_at = 0.0  # loop time at which the current wait times out
         self.closed = False
         self.error: PushChannelError | None = None
@@ -135,25 +209,33 @@ class Subscription:
             self.closed = True
             self.error = error
             self._wake()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._idle_tick:
+            self._clock.discard(self, self._idle_tick)
+            self._idle_tick = 0
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _wake_at(self, at: float) -> None:
+        """Be woken (``_idle_check``) at loop time ``at``, unless already set for then or earlier."""
+        clock = self._clock
+        tick = clock.tick(at)
+        if self._idle_tick == 0 or tick < self._idle_tick:
+            if self._idle_tick:  # a shorter timeout than last time
+                clock.discard(self, self._idle_tick)
+            self._idle_tick = tick
+            clock.add(self, tick)
+
     def _idle_check(self) -> None:
-        """The heartbeat timer fired. A stream that got something meanwhile started a later
-        wait: follow it there. One timer per subscription, moved at most once per interval,
-        instead of a timer set and cancelled around every wait (one per message when busy)."""
-        self._idle_timer = None
+        """The wake-up came. A stream that got something meanwhile started a later wait: follow
+        it there. One wake-up per subscription, moved at most once per interval, instead of one
+        set and cancelled around every wait (one per message when busy)."""
         if self.closed:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() + _TIMER_SLACK < self._idle_at:
-            self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
+        if asyncio.get_running_loop().time() + _TIMER_SLACK < self._idle_at:
+            self._wake_at(self._idle_at)
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -167,12 +249,8 @@ class Subscription:
         if not self._outbox and not self.closed:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            at = self._idle_at = loop.time() + timeout
-            timer = self._idle_timer
-            if timer is None or timer.when() > at + _TIMER_SLACK:
-                if timer is not None:  # a shorter timeout than last time
-                    timer.cancel()
-                self._idle_timer = loop.call_at(at, self._idle_check)
+            self._wake_at(at := loop.time() + timeout)
+            self._idle_at = at
             try:
                 await waiter
             finally:

@@ -99,15 +99,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def Subscribe(self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Ctx) -> None:
         broker, cfg = self.broker, self.broker.config
         try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("kind") != "open":
+            # context.read(), not the request iterator: that is an async generator around read(),
+            # alive (and tracked by the loop) as long as the stream: 0.4 KB per idle host.
+            first = await context.read()
+            if not isinstance(first, pb.SubscribeRequest) or first.WhichOneof("kind") != "open":
                 raise FailedPrecondition("a Subscribe stream must begin with Open")
             principal = self.auth.authorize(context, SUBSCRIBE, first.open.channel)
             sub = await broker.subscribe(convert.subscribe_params(first.open, cfg), peer=context.peer())
         except Exception as exc:
             await abort(context, exc)
         watch = self.auth.watch(principal, SUBSCRIBE, sub.channel, sub.close)  # closed at token expiry
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, sub))
+        reader = asyncio.get_running_loop().create_task(self._read(context, sub))
         try:
             await context.write(convert.opened(sub, cfg))
             heartbeat = cfg.heartbeat_interval
@@ -143,11 +145,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             self._shared = (frame, sub.channel, msg)
         return msg
 
-    async def _read(self, requests: AsyncIterator[pb.SubscribeRequest], sub: Subscription) -> None:
+    async def _read(self, context: Ctx, sub: Subscription) -> None:
         """Acks, nacks and deadline changes, each one batch to the core."""
         broker = self.broker
         try:
-            async for req in requests:
+            while isinstance(req := await context.read(), pb.SubscribeRequest):  # else EOF
                 kind = req.WhichOneof("kind")
                 if kind == "ack":
                     await broker.ack(sub, list(req.ack.delivery_tags))
