@@ -74,8 +74,17 @@ class ChannelHub:
         self.last_seq = last_seq
         self.dispatchers: dict[str, GroupDispatcher] = {}
         self.feeders: dict[str, BroadcastFeeder] = {}
-        self.fan = BroadcastFan(broker, self)
+        self._fan: BroadcastFan | None = None  # made at the first broadcast subscriber
         self.watcher: asyncio.Task[None] | None = None
+
+    @property
+    def fan(self) -> BroadcastFan:
+        """The channel's broadcast fan. Most channels never have a broadcast subscriber, and an
+        idle fan costs 0.2 KB, so it is made when first wanted."""
+        fan = self._fan
+        if fan is None:
+            fan = self._fan = BroadcastFan(self.broker, self)
+        return fan
 
     def notify(self, last_seq: int) -> None:
         """The log grew to ``last_seq``: wake whoever feeds from it."""
@@ -282,7 +291,8 @@ class Broker:
                 dispatcher = None
         if hub.empty() and self._hubs.get(sub.channel) is hub:
             del self._hubs[sub.channel]
-            stopping.append(hub.fan)
+            if hub._fan is not None:
+                stopping.append(hub._fan)
             if hub.watcher is not None:
                 hub.watcher.cancel()
         if removed:

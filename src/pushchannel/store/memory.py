@@ -91,7 +91,9 @@ class _Channel:
     nbytes: int = 0
     groups: dict[str, _Group] = field(default_factory=dict)
     dedupe: dict[str, tuple[int, float]] = field(default_factory=dict)
-    dedupe_order: deque[tuple[float, str]] = field(default_factory=deque)
+    # Made at the first id and dropped once the window passed it by: an empty deque still holds
+    # a 64-slot block (0.6 KB per channel, one channel per host in the usual layout).
+    dedupe_order: deque[tuple[float, str]] | None = None
     dropped: int = 0
 
     @property
@@ -122,12 +124,17 @@ class _Channel:
 
     def prune_dedupe(self, now: float, window: float) -> None:
         order = self.dedupe_order
+        if order is None:
+            return
         horizon = now - window
         while order and order[0][0] <= horizon:
             t, key = order.popleft()
             hit = self.dedupe.get(key)
             if hit is not None and hit[1] == t:
                 del self.dedupe[key]
+        if not order:  # every id's window has passed: so has every entry of dedupe
+            self.dedupe_order = None
+            self.dedupe = {}  # a dict keeps its grown table when emptied; a new one does not
 
 
 class MemoryStore(Store):
@@ -199,10 +206,13 @@ class MemoryStore(Store):
         ch.last_seq = seq
         ch.nbytes += added
         if window > 0 and seen is not None:
+            order = ch.dedupe_order
+            if order is None:
+                order = ch.dedupe_order = deque()
             for st in fresh:
                 if st.id:
                     ch.dedupe[st.id] = (st.seq, now)
-                    ch.dedupe_order.append((now, st.id))
+                    order.append((now, st.id))
         if policy.discard == "drop-oldest" and self._over(ch, policy, 0, 0):
             ch.dropped += self._enforce_size(ch, policy)
         if self._waiters:
