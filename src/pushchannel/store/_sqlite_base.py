@@ -127,7 +127,9 @@ class CachedChannel:
     recent: list[Stored] = field(default_factory=list)
     recent_base: int = 0
     #: (last seq, budget bytes) of each append in ``recent``, oldest first.
-    recent_chunks: deque[tuple[int, int]] = field(default_factory=deque)
+    #: None while nothing is cached: an empty deque still holds a 64-slot block (0.6 KB per
+    #: channel, one channel per host in the usual layout).
+    recent_chunks: deque[tuple[int, int]] | None = None
     recent_bytes: int = 0
     #: Every dedupe row of the channel has a time at or after this (inf: none; None: unknown).
     dedupe_low: float | None = None
@@ -249,7 +251,10 @@ class TablesBase:
             ch.recent_base = fresh[0].seq
         recent += fresh
         cost = nbytes + _RECENT_OVERHEAD * len(fresh)
-        ch.recent_chunks.append((fresh[-1].seq, cost))
+        chunks = ch.recent_chunks
+        if chunks is None:
+            chunks = ch.recent_chunks = deque()
+        chunks.append((fresh[-1].seq, cost))
         ch.recent_bytes += cost
         self._recent_total += cost
         if self._recent_total > _RECENT_BUDGET:
@@ -263,13 +268,14 @@ class TablesBase:
             return
         if end > recent[-1].seq:
             recent.clear()
-            ch.recent_chunks.clear()
+            ch.recent_chunks = None
             self._recent_total -= ch.recent_bytes
             ch.recent_bytes = 0
             return
         del recent[: end - ch.recent_base]
         ch.recent_base = end
         chunks = ch.recent_chunks
+        assert chunks is not None  # made with the first cached message
         while chunks and chunks[0][0] < end:
             freed = chunks.popleft()[1]
             ch.recent_bytes -= freed
