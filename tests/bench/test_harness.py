@@ -156,3 +156,42 @@ def test_fanout_scenario_measures_server_and_load_cpu(capsys):
     for system in ("pushchannel", "raw", "minimal"):
         (run,) = fanout["systems"][system]["runs"]
         assert run["server_cpu_ms"] >= 0 and run["load_cpu_ms"] > 0
+
+
+def test_each_run_starts_with_the_load_process_garbage_collected():
+    """Garbage left in reference cycles by one run (the streams scenario's SDK clients leave
+    millions of objects) is freed before the next run starts, not by a full pass inside it."""
+    import asyncio
+    import gc
+    import weakref
+
+    from pushchannel.bench._scenarios import Scenario, _measure
+
+    class Node:
+        other: Node | None = None
+
+    freed: list[str] = []
+
+    def leave_garbage() -> None:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: only the collector frees it
+        weakref.finalize(a, freed.append, "a")
+
+    seen_at_start: list[list[str]] = []
+
+    async def driver(_server: Any, _params: Any) -> dict[str, float]:
+        seen_at_start.append(list(freed))
+        leave_garbage()
+        return {DELIVERED.key: 1.0}
+
+    sc = Scenario("gc", "gc", None, None, (OURS,), (DELIVERED,), (), driver)
+    runs = SystemRuns()
+    gc.disable()  # no automatic pass may free it in between: only the harness's own
+    try:
+        for i in range(2):
+            server: Any = None  # the driver above talks to no server
+            asyncio.run(_measure(sc, OURS, server, None, runs, f"run {i + 1}/2"))
+    finally:
+        gc.enable()
+    assert seen_at_start == [[], ["a"]]
+    assert len(runs.runs) == 2
