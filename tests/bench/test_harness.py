@@ -195,3 +195,29 @@ def test_each_run_starts_with_the_load_process_garbage_collected():
         gc.enable()
     assert seen_at_start == [[], ["a"]]
     assert len(runs.runs) == 2
+
+
+def test_a_run_waits_for_the_load_process_to_go_quiet():
+    """Work left running in the load process (gRPC tearing down closed channels in its own
+    threads) finishes before the next run starts, within a bound."""
+    import asyncio
+    import threading
+    import time
+
+    from pushchannel.bench._scenarios import _settle
+
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
+    busy = threading.Thread(target=spin, args=(0.5,))
+    busy.start()
+    try:
+        asyncio.run(_settle(limit=5.0))
+        assert not busy.is_alive(), "the run would have started while the process was busy"
+    finally:
+        busy.join()
+    started = time.monotonic()
+    asyncio.run(_settle(limit=5.0))  # a quiet process: one window
+    assert time.monotonic() - started < 5.0

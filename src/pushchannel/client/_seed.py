@@ -151,7 +151,7 @@ class SeedStream:
     async def aclose(self) -> None:
         """End the stream. Idempotent."""
         self._done = True
-        runner = self._runner
+        runner, self._runner = self._runner, None  # no cycle through its CancelledError
         if runner is not None and not runner.done():
             runner.cancel()
             await asyncio.wait([runner])

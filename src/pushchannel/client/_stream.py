@@ -263,6 +263,10 @@ class Stream:
             if not task.cancelled() and (error := task.exception()) is not None:
                 # A bug: say so, but let the subscription go on with a new stream.
                 log.error("pushchannel: a subscribe task failed", exc_info=error)
+        # A cancelled task keeps its CancelledError, whose traceback holds the task's frames,
+        # which hold this stream: let go of the tasks, or every closed stream is a reference
+        # cycle of some 50 objects that only the collector's full passes free.
+        self._extender = self._reader = self._writer = None
         self._ended(StreamEnd(Unavailable("the stream was closed"), True))
 
     def _stop_leases(self) -> None:

@@ -295,7 +295,7 @@ class Subscriber:
 
     async def _close(self) -> None:
         try:
-            runner = self._runner
+            runner, self._runner = self._runner, None  # no cycle through its CancelledError
             if runner is not None and not runner.done():
                 runner.cancel()
                 await asyncio.wait([runner])
