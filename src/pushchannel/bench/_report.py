@@ -198,7 +198,9 @@ def markdown(report: Report, plot: Path | None, markdown_path: Path) -> str:
         "",
         "Every process, the load's and each server's, runs with the broker's garbage-collector "
         "settings (`pushchannel._gc`, see docs/operations.md): the baselines differ from the broker "
-        "in their servicers only.",
+        "in their servicers only. Each run starts on a quiet machine: the load process collects "
+        "its garbage, then waits (up to 3 s) for a 0.2 s window in which the machine used under "
+        "a tenth of a core, so that no run pays for what the run before left behind.",
         "",
     ]
     if report.targets:

@@ -144,11 +144,12 @@ async def run_scenario(sc: Scenario, options: Options) -> ScenarioResult:
     return result
 
 
-async def _settle(window: float = 0.1, quiet: float = 0.1, limit: float = 5.0) -> None:
-    """Start every run on a quiet load process: nothing left of the run before to collect or
-    tear down. Garbage is collected now; then wait (up to ``limit`` s) for a ``window`` in which
-    this process used under ``quiet`` of a core, as gRPC tears down closed channels in threads
-    of its own.
+async def _settle(window: float = 0.2, quiet: float = 0.1, limit: float = 3.0) -> None:
+    """Start every run on a quiet machine: nothing left of the run before to collect or tear
+    down. This (the load) process collects its garbage now; then the run waits, up to ``limit``
+    s, for a ``window`` in which the machine used under ``quiet`` of a core: gRPC tears closed
+    channels down in threads of its own, and a server may still be finishing the run before
+    (the baselines' servers stay up between runs).
 
     The streams scenario's 10,000 SDK clients once left 1.6 million objects in reference
     cycles (the SDK no longer does); the full pass that freed them took 3.4 s, fell into the
@@ -159,15 +160,25 @@ async def _settle(window: float = 0.1, quiet: float = 0.1, limit: float = 5.0) -
     gc.collect()
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        before, t0 = _cpu_seconds(), time.monotonic()
+        before, t0 = _busy_seconds(), time.monotonic()
         await asyncio.sleep(window)
-        if _cpu_seconds() - before < quiet * (time.monotonic() - t0):
+        if _busy_seconds() - before < quiet * (time.monotonic() - t0):
             return
 
 
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the machine has been busy (Linux: /proc/stat); elsewhere, this process's."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        t = os.times()
+        return t.user + t.system
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    return (sum(fields) - fields[3] - fields[4]) / _TICK
 
 
 async def _measure(
