@@ -6,22 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
-
-import pytest
 
 from pushchannel import AsyncClient, Client
 from pushchannel.client import seed_stream
-from tests.conftest import start_broker_process, stop_process
-
-
-@pytest.fixture
-def target() -> Iterator[str]:
-    proc, target = start_broker_process("--store", "memory://", "--heartbeat", "0.5")
-    try:
-        yield target
-    finally:
-        stop_process(proc)
 
 
 def sdk_garbage() -> list[str]:
@@ -37,9 +24,9 @@ def sdk_garbage() -> list[str]:
     return sorted(found)
 
 
-async def test_an_async_client_that_published_and_subscribed(target: str) -> None:
+async def test_an_async_client_that_published_and_subscribed(broker_process: str) -> None:
     sdk_garbage()  # what came before this test
-    async with AsyncClient(target) as client:
+    async with AsyncClient(broker_process) as client:
         await client.publish("gc.a", b"x")
         sub = client.subscribe("gc.a", max_in_flight=10)
         async with asyncio.timeout(5):
@@ -52,9 +39,9 @@ async def test_an_async_client_that_published_and_subscribed(target: str) -> Non
     assert sdk_garbage() == []
 
 
-async def test_a_subscription_closed_with_its_client_while_streaming(target: str) -> None:
+async def test_a_subscription_closed_with_its_client_while_streaming(broker_process: str) -> None:
     sdk_garbage()
-    clients = [AsyncClient(target) for _ in range(5)]
+    clients = [AsyncClient(broker_process) for _ in range(5)]
     subs = [c.subscribe(f"gc.b{i}") for i, c in enumerate(clients)]
     async with asyncio.timeout(10):
         await asyncio.gather(*(s.open() for s in subs))
@@ -64,9 +51,9 @@ async def test_a_subscription_closed_with_its_client_while_streaming(target: str
     assert sdk_garbage() == []
 
 
-async def test_a_seed_stream(target: str) -> None:
+async def test_a_seed_stream(broker_process: str) -> None:
     sdk_garbage()
-    async with AsyncClient(target) as producer, seed_stream(target, "gc.seed") as stream:
+    async with AsyncClient(broker_process) as producer, seed_stream(broker_process, "gc.seed") as stream:
         # the stream must be running (its task started) before it is closed
         async with asyncio.timeout(10):
             while True:
@@ -82,9 +69,9 @@ async def test_a_seed_stream(target: str) -> None:
     assert sdk_garbage() == []
 
 
-def test_a_blocking_client(target: str) -> None:
+def test_a_blocking_client(broker_process: str) -> None:
     sdk_garbage()
-    with Client(target) as client:
+    with Client(broker_process) as client:
         client.publish("gc.c", b"y")
         with client.subscribe("gc.c", max_in_flight=10) as sub:
             for message in sub:
