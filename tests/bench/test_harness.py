@@ -197,27 +197,69 @@ def test_each_run_starts_with_the_load_process_garbage_collected():
     assert len(runs.runs) == 2
 
 
+def _spin_cpu(seconds: float) -> None:
+    """Use ``seconds`` of this thread's CPU time, however busy the machine is."""
+    import time
+
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class _Meter:
+    """This process's CPU seconds (all its threads): the machine's other work cannot reach it."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        import time
+
+        self.reads += 1
+        return time.process_time()
+
+
 def test_a_run_waits_for_the_load_process_to_go_quiet():
     """Work left running in the load process (gRPC tearing down closed channels in its own
-    threads) finishes before the next run starts, within a bound."""
+    threads) finishes before the next run starts; a quiet process starts after one window."""
     import asyncio
     import threading
-    import time
 
     from pushchannel.bench._scenarios import _settle
 
-    def spin(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            pass
-
-    busy = threading.Thread(target=spin, args=(0.5,))
+    busy = threading.Thread(target=_spin_cpu, args=(0.5,))
+    meter = _Meter()
     busy.start()
     try:
-        asyncio.run(_settle(limit=5.0))
+        asyncio.run(_settle(limit=60.0, busy_seconds=meter))
         assert not busy.is_alive(), "the run would have started while the process was busy"
+        assert meter.reads > 2  # it waited more than one window
     finally:
         busy.join()
-    started = time.monotonic()
-    asyncio.run(_settle(limit=5.0))  # a quiet process: one window
-    assert time.monotonic() - started < 5.0
+    meter = _Meter()
+    asyncio.run(_settle(limit=60.0, busy_seconds=meter))
+    assert meter.reads == 2  # one window, then the run starts
+
+
+def test_a_run_waits_for_a_busy_machine_no_longer_than_its_limit():
+    import asyncio
+
+    from pushchannel.bench._scenarios import _settle
+
+    reads = [0.0]
+
+    def always_busy() -> float:  # a core's worth of work in every window, and more
+        reads[0] += 10.0
+        return reads[0]
+
+    asyncio.run(_settle(window=0.01, limit=0.2, busy_seconds=always_busy))
+    assert 2 < reads[0] / 10.0 <= 2 * (0.2 / 0.01) + 2
+
+
+def test_the_machine_meter_counts_this_process_work():
+    """/proc/stat's busy time includes a thread of ours spinning (on any machine, busy or not)."""
+    from pushchannel.bench._scenarios import _busy_seconds
+
+    before = _busy_seconds()
+    _spin_cpu(0.3)
+    assert _busy_seconds() - before >= 0.25

@@ -144,7 +144,12 @@ async def run_scenario(sc: Scenario, options: Options) -> ScenarioResult:
     return result
 
 
-async def _settle(window: float = 0.2, quiet: float = 0.1, limit: float = 3.0) -> None:
+async def _settle(
+    window: float = 0.2,
+    quiet: float = 0.1,
+    limit: float = 3.0,
+    busy_seconds: Callable[[], float] | None = None,
+) -> None:
     """Start every run on a quiet machine: nothing left of the run before to collect or tear
     down. This (the load) process collects its garbage now; then the run waits, up to ``limit``
     s, for a ``window`` in which the machine used under ``quiet`` of a core: gRPC tears closed
@@ -156,13 +161,16 @@ async def _settle(window: float = 0.2, quiet: float = 0.1, limit: float = 3.0) -
     next scenario's first run (the broker's: it goes first) and measured the seed path at 0.86x
     of the minimal broker instead of 0.91-0.95x. Tearing down their channels still takes about
     a second of CPU right after the scenario.
+
+    ``busy_seconds`` is the meter (the machine's busy CPU seconds, :func:`_busy_seconds`).
     """
+    meter = busy_seconds or _busy_seconds
     gc.collect()
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        before, t0 = _busy_seconds(), time.monotonic()
+        before, t0 = meter(), time.monotonic()
         await asyncio.sleep(window)
-        if _busy_seconds() - before < quiet * (time.monotonic() - t0):
+        if meter() - before < quiet * (time.monotonic() - t0):
             return
 
 
