@@ -144,36 +144,6 @@ async def run_scenario(sc: Scenario, options: Options) -> ScenarioResult:
     return result
 
 
-async def _settle(
-    window: float = 0.2,
-    quiet: float = 0.1,
-    limit: float = 3.0,
-    busy_seconds: Callable[[], float] | None = None,
-) -> None:
-    """Start every run on a quiet machine: nothing left of the run before to collect or tear
-    down. This (the load) process collects its garbage now; then the run waits, up to ``limit``
-    s, for a ``window`` in which the machine used under ``quiet`` of a core: gRPC tears closed
-    channels down in threads of its own, and a server may still be finishing the run before
-    (the baselines' servers stay up between runs).
-
-    The streams scenario's 10,000 SDK clients once left 1.6 million objects in reference
-    cycles (the SDK no longer does); the full pass that freed them took 3.4 s, fell into the
-    next scenario's first run (the broker's: it goes first) and measured the seed path at 0.86x
-    of the minimal broker instead of 0.91-0.95x. Tearing down their channels still takes about
-    a second of CPU right after the scenario.
-
-    ``busy_seconds`` is the meter (the machine's busy CPU seconds, :func:`_busy_seconds`).
-    """
-    meter = busy_seconds or _busy_seconds
-    gc.collect()
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        before, t0 = meter(), time.monotonic()
-        await asyncio.sleep(window)
-        if meter() - before < quiet * (time.monotonic() - t0):
-            return
-
-
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -187,6 +157,35 @@ def _busy_seconds() -> float:
         return t.user + t.system
     # user nice system idle iowait irq softirq steal: all but idle and iowait
     return (sum(fields) - fields[3] - fields[4]) / _TICK
+
+
+async def _settle(
+    window: float = 0.2,
+    quiet: float = 0.1,
+    limit: float = 3.0,
+    busy_seconds: Callable[[], float] = _busy_seconds,
+) -> None:
+    """Start every run on a quiet machine: nothing left of the run before to collect or tear
+    down. This (the load) process collects its garbage now; then the run waits, up to ``limit``
+    s, for a ``window`` in which the machine used under ``quiet`` of a core: gRPC tears closed
+    channels down in threads of its own, and a server may still be finishing the run before
+    (the baselines' servers stay up between runs).
+
+    The streams scenario's 10,000 SDK clients once left 1.6 million objects in reference
+    cycles (the SDK no longer does); the full pass that freed them took 3.4 s, fell into the
+    next scenario's first run (the broker's: it goes first) and measured the seed path at 0.86x
+    of the minimal broker instead of 0.91-0.95x. Tearing down their channels still takes about
+    a second of CPU right after the scenario.
+
+    ``busy_seconds`` is the meter: the machine's busy CPU seconds.
+    """
+    gc.collect()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before, t0 = busy_seconds(), time.monotonic()
+        await asyncio.sleep(window)
+        if busy_seconds() - before < quiet * (time.monotonic() - t0):
+            return
 
 
 async def _measure(
