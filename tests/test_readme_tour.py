@@ -77,3 +77,19 @@ def test_the_tour(tour: str) -> None:
     assert out.splitlines() == ["for-both"]
     rest = run(tour, "subscribe", ch, "--count", "3", "--timeout", "10")
     assert rest.stdout.splitlines() == ["two", "three", "for-both"]
+
+
+def test_the_python_example(tour: str) -> None:
+    """The README's Python example, run as written (against the test's broker), prints the
+    message it published; run again, the next one: the first run's ack reached the broker."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"localhost:50051"' in code
+    code = code.replace('"localhost:50051"', repr(tour))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    for seq in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"{seq} b'reboot'"]
