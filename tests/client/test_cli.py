@@ -98,6 +98,19 @@ def test_bad_channel_is_one_error_line(broker_process: str) -> None:
     assert line.startswith("error: ") and "A-Z a-z 0-9" in line
 
 
+def test_payloads_over_the_limits_are_one_error_line(broker_process: str) -> None:
+    """A line over the broker's payload limit is refused by the broker; one over gRPC's 16 MiB
+    frame limit never leaves the client. Either way: one line naming the sizes, nothing stored."""
+    over_payload = cli("publish", "big", stdin="a" * ((1 << 20) + 1) + "\n", server=broker_process)
+    over_frame = cli("publish", "big", stdin="a" * (17 << 20) + "\n", server=broker_process)
+    for got, size in ((over_payload, "1048577"), (over_frame, "17,825,8")):
+        assert got.returncode == 1, got.stderr
+        (line,) = got.stderr.splitlines()
+        assert line.startswith("error: ") and size in line, line
+    assert "nothing was sent" in over_frame.stderr and "CLIENT:" not in over_frame.stderr
+    assert cli("channel", "big", server=broker_process).returncode == 1  # never created
+
+
 def test_usage_errors_exit_2() -> None:
     assert cli("subscribe", "x", "--count", "0").returncode == 2
     assert cli("subscribe", "x", "--from", "latest").returncode == 2

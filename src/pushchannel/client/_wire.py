@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -178,10 +179,20 @@ class BrokerMethods:
         )
 
 
+# gRPC's own refusal, before anything is sent, of a request over the channel's send limit.
+_TOO_LARGE = re.compile(r"CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)")
+
+
 def translate(error: grpc.aio.AioRpcError) -> PushChannelError:
     """The pushchannel exception for a failed call, keeping the broker's message."""
     code: grpc.StatusCode = error.code()
-    return error_for_code(code.name, error.details() or "")
+    details = error.details() or ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (m := _TOO_LARGE.search(details)):
+        details = (
+            f"the request is {int(m[1]):,} bytes, over the {int(m[2]):,} a gRPC message may carry; "
+            "nothing was sent (a payload is limited to the broker's max_payload, 1 MiB by default)"
+        )
+    return error_for_code(code.name, details)
 
 
 @contextmanager
