@@ -3,7 +3,9 @@ what every store answers)."""
 
 from __future__ import annotations
 
-from pushchannel.core.model import AppendResult, ChannelPolicy, NewMessage
+import sys
+
+from pushchannel.core.model import AppendResult, ChannelPolicy, NewMessage, StartSpec
 from pushchannel.store.memory import MemoryStore
 
 T0 = 1_700_000_000.0
@@ -35,4 +37,41 @@ async def test_a_channel_that_never_saw_an_id_keeps_no_dedupe_queue() -> None:
     await store.start()
     await store.append("c", [NewMessage(payload=b"x")], T0, ChannelPolicy())
     assert store._channels["c"].dedupe_order is None
+    await store.close()
+
+
+async def test_acked_and_trimmed_messages_are_let_go_of_at_once() -> None:
+    """A channel that sees a message now and then never builds up a backlog of dropped ones: the
+    store stops referring to a payload as soon as it is trimmed, long before the list of a busy
+    channel would be compacted."""
+    store = MemoryStore()
+    await store.start()
+    policy = ChannelPolicy()
+    await store.ensure_group("c", "g", StartSpec("earliest"), T0)
+    held_before = []
+    for i in range(3):  # a message a while, each acked and trimmed before the next
+        payload = bytes(f"payload-{i}", "ascii") * 1000  # a bytes object of its own
+        base = sys.getrefcount(payload)
+        (result,) = await store.append("c", [NewMessage(payload=payload)], T0 + i, policy)
+        held_before.append(sys.getrefcount(payload) - base)
+        (got,) = await store.read_new("c", "g", "consumer", 10, T0 + i + 30)
+        assert got.payload is payload
+        del got
+        assert await store.ack("c", "g", [result.seq]) == 1
+        report = await store.trim("c", policy, T0 + i)
+        assert report.acked == 1
+        assert sys.getrefcount(payload) == base, f"message {i} still held after its trim"
+    assert held_before == [1, 1, 1]  # the store did hold each one until then
+    # a backlog behind a slow group: trimming the front lets go of the front only
+    payloads = [bytes(f"m-{i}", "ascii") * 1000 for i in range(10)]
+    bases = [sys.getrefcount(payloads[i]) for i in range(10)]
+    results = await store.append("c", [NewMessage(payload=p) for p in payloads], T0 + 10, policy)
+    delivered = await store.read_new("c", "g", "consumer", 3, T0 + 40)
+    assert await store.ack("c", "g", [m.seq for m in delivered]) == 3
+    del delivered
+    assert (await store.trim("c", policy, T0 + 10)).acked == 3
+    held = [sys.getrefcount(payloads[i]) - bases[i] for i in range(10)]
+    assert held == [0, 0, 0] + [1] * 7
+    assert [m.payload for m in await store.read_range("c", 0, 100)] == payloads[3:]
+    assert results[3].seq == (await store.stats("c")).first_seq  # type: ignore[union-attr]
     await store.close()

@@ -82,6 +82,11 @@ class _Group:
         return None
 
 
+#: What a dropped message's slot holds until the list is compacted (never read: slots below
+#: ``head`` are out of every range).
+_GONE = Stored(0, "", b"", {}, 0.0)
+
+
 @dataclass(slots=True)
 class _Channel:
     msgs: list[Stored] = field(default_factory=list)
@@ -110,14 +115,21 @@ class _Channel:
         return None
 
     def drop_front(self, n: int) -> None:
-        end = self.head + n
-        for m in self.msgs[self.head : end]:
+        """Drop the ``n`` oldest live messages, letting go of them at once: a channel that gets
+        a message now and then holds none it has dropped. The list is compacted once dropped
+        slots are half of it or more (each slot moves at most once per halving: O(1) a message);
+        until then a dropped slot holds :data:`_GONE`."""
+        msgs, start = self.msgs, self.head
+        end = start + n
+        for m in msgs[start:end]:
             self.nbytes -= _size(m)
-        self.head = end
-        if self.head > 1024 and self.head * 2 > len(self.msgs):
-            del self.msgs[: self.head]
-            self.base += self.head
+        if end * 2 >= len(msgs):
+            del msgs[:end]
+            self.base += end
             self.head = 0
+        else:
+            msgs[start:end] = [_GONE] * n
+            self.head = end
 
     def floor(self) -> int:
         return min((g.floor() for g in self.groups.values()), default=self.last_seq + 1)
