@@ -14,6 +14,7 @@ from pushchannel.config import BrokerConfig
 from pushchannel.core import broker as broker_module
 from pushchannel.core.broker import Broker
 from pushchannel.core.model import ChannelPolicy, NewMessage
+from pushchannel.core.timeslice import TimeSlice
 from pushchannel.store.memory import MemoryStore
 
 CHANNELS = 200
@@ -62,3 +63,33 @@ async def test_quiet_channels_are_all_trimmed_within_the_period_a_share_per_tick
     assert max(ticks.values()) <= share, f"a tick trimmed {max(ticks.values())} channels: {ticks}"
     assert len(ticks) >= CHANNELS // share  # spread over the period, not done at once
     assert elapsed >= PERIOD * 0.5  # ...which takes most of the period (bounded above by the loop)
+
+
+async def _returns_at_once() -> None:
+    return None
+
+
+async def test_a_time_slice_lets_the_loop_run_during_a_loop_that_never_suspends() -> None:
+    """What keeps the sweep and the channel listing from holding every stream: 40 ms of steps
+    that never suspend let another task run every 2 ms or so; without ticks, only at the end."""
+
+    async def steps(pause: TimeSlice | None) -> None:
+        end = time.perf_counter() + 0.04
+        while time.perf_counter() < end:
+            await _returns_at_once()  # a memory-store call
+            if pause is not None:
+                await pause.tick()
+
+    async def count_turns(run: asyncio.Task[None]) -> int:
+        turns = 0
+        while not run.done():
+            turns += 1
+            await asyncio.sleep(0)
+        return turns
+
+    # With ticks: at least one turn besides the first (however the machine schedules us), and
+    # never more than one per 2 ms of the 40 ms.
+    for pause, least, most in ((None, 1, 1), (TimeSlice(0.002), 2, 21)):
+        run = asyncio.get_running_loop().create_task(steps(pause))
+        turns = await count_turns(run)
+        assert least <= turns <= most, (pause, turns)

@@ -18,16 +18,15 @@ from pushchannel.core.dispatch import BroadcastFan, BroadcastFeeder, GroupDispat
 from pushchannel.core.hooks import BrokerHooks, HookChain
 from pushchannel.core.model import DEFAULT_GROUP, AppendResult, ChannelStats, NewMessage, Stored
 from pushchannel.core.subscription import IdleClock, SubscribeParams, Subscription
+from pushchannel.core.timeslice import TimeSlice
 from pushchannel.errors import NotFound, PushChannelError, Unavailable
 from pushchannel.store.base import Store
 
 log = logging.getLogger("pushchannel.broker")
 
-#: The longest a retention tick holds the event loop before it lets the rest run. Trims on the
-#: memory store never suspend: a sweep of 50,000 channels in one piece once a minute was a stall
-#: of 260 ms for every stream and publish.
-_SWEEP_SLICE = 0.002  # seconds
-#: Every channel is trimmed at least this often, in equal shares at each retention tick.
+#: Every channel is trimmed at least this often, in equal shares at each retention tick (on the
+#: memory store, whose trims never suspend, a sweep of 50,000 channels in one piece held every
+#: stream and publish for 260 ms).
 _SWEEP_PERIOD = 60.0  # seconds
 
 _VALID_CHANNELS_CAP = 10_000
@@ -461,12 +460,10 @@ class Broker:
             now = time.time()
             self._touched.update(c for c, due in self._age_due.items() if due <= now)
             touched, self._touched = self._touched, set()
-            slice_end = time.perf_counter() + _SWEEP_SLICE
+            pause = TimeSlice()  # lets every stream and publish run in between
             for channel in touched:
                 try:
                     await self.trim(channel)
                 except Exception as exc:
                     self.log_error("retention", channel, exc)
-                if time.perf_counter() >= slice_end:  # a store whose trim never suspends (memory)
-                    await asyncio.sleep(0)  # lets every stream and publish in between
-                    slice_end = time.perf_counter() + _SWEEP_SLICE
+                await pause.tick()

@@ -16,6 +16,7 @@ from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.core.broker import Broker
 from pushchannel.core.model import Stored
 from pushchannel.core.subscription import Subscription
+from pushchannel.core.timeslice import TimeSlice
 from pushchannel.errors import FailedPrecondition, PushChannelError, Unauthenticated
 from pushchannel.server import convert
 from pushchannel.server.auth import ADMIN, PUBLISH, SUBSCRIBE, Authorizer
@@ -178,9 +179,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             self.auth.authorize(context, ADMIN)
             now = time.time()
             infos = []
+            pause = TimeSlice()  # thousands of channels: let the streams run in between
             for name in await self.broker.list_channels(request.prefix):
                 with contextlib.suppress(PushChannelError):  # deleted meanwhile
                     infos.append(await convert.channel_info_of(self.broker, name, now))
+                await pause.tick()
             return pb.ListChannelsResponse(channels=infos)
         except Exception as exc:
             await abort(context, exc)
