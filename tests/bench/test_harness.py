@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +200,6 @@ def test_each_run_starts_with_the_load_process_garbage_collected():
 
 def _spin_cpu(seconds: float) -> None:
     """Use ``seconds`` of this thread's CPU time, however busy the machine is."""
-    import time
-
     end = time.thread_time() + seconds
     while time.thread_time() < end:
         pass
@@ -213,8 +212,6 @@ class _Meter:
         self.reads = 0
 
     def __call__(self) -> float:
-        import time
-
         self.reads += 1
         return time.process_time()
 
