@@ -7,21 +7,25 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from pushchannel import AsyncClient, Client
+import pytest
+
+from pushchannel import AsyncClient, Cancelled, Client
 from pushchannel.client import seed_stream
 
 
 def sdk_garbage() -> list[str]:
-    """The SDK's objects among what only the cycle collector could free now."""
+    """The SDK's objects among what only the cycle collector could free now; freed after."""
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
-        ours = [o for o in gc.garbage if type(o).__module__.startswith("pushchannel.client")]
-        found = [type(o).__qualname__ for o in ours]
+        found = sorted(
+            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("pushchannel.client")
+        )
     finally:
         gc.garbage.clear()
         gc.set_debug(0)
-    return sorted(found)
+    gc.collect()  # cleared from gc.garbage, a cycle is still a cycle: free it
+    return found
 
 
 async def test_an_async_client_that_published_and_subscribed(broker_process: str) -> None:
@@ -35,6 +39,21 @@ async def test_an_async_client_that_published_and_subscribed(broker_process: str
                 break
         await sub.aclose()
     del client, sub, message
+    await asyncio.sleep(0.1)
+    assert sdk_garbage() == []
+
+
+async def test_a_subscription_closed_while_it_was_opening() -> None:
+    """Nothing listens at the target, so the open waits (retrying) until the close ends it."""
+    sdk_garbage()
+    async with AsyncClient("127.0.0.1:1") as client:
+        sub = client.subscribe("gc.opening")
+        opening = asyncio.ensure_future(sub.open())
+        await asyncio.sleep(0.2)
+        await sub.aclose()
+        with pytest.raises(Cancelled, match="closed while it was opening"):
+            await opening
+    del client, sub, opening
     await asyncio.sleep(0.1)
     assert sdk_garbage() == []
 

@@ -17,7 +17,7 @@ from pushchannel.client._state import StateListener
 from pushchannel.client._subscriber import Subscriber
 from pushchannel.client._subscription import Subscription
 from pushchannel.client._types import OutgoingMessage, PublishResult, RetryPolicy, as_payload, new_message_id
-from pushchannel.client._wire import Connection, call_metadata
+from pushchannel.client._wire import ConnectionPool, call_metadata
 
 MAX_BATCH = 1000  # messages per Publish call (SPEC §8)
 # Bytes per Publish call: below gRPC's default 4 MiB receive limit, whatever the broker's is.
@@ -35,7 +35,9 @@ class AsyncClient:
     :func:`grpc.ssl_channel_credentials` object. ``retry`` says how publishes are retried and
     subscriptions reopened after transient faults (default: :class:`RetryPolicy`, forever).
     ``on_state_change`` is called with every :class:`StateChange` of every subscription of
-    this client (on the event loop; keep it short).
+    this client (on the event loop; keep it short). ``streams_per_connection`` caps the
+    subscriptions that share one connection: past it the client opens another (keep it at or
+    under the broker's ``max_concurrent_streams``, 1000 by default).
 
     Use it as ``async with AsyncClient(...) as client:`` or call :meth:`close`. The gRPC
     channel is made on first use, inside the running event loop.
@@ -49,18 +51,19 @@ class AsyncClient:
         tls: grpc.ChannelCredentials | bool | None = None,
         retry: RetryPolicy | None = None,
         on_state_change: StateListener | None = None,
+        streams_per_connection: int = 100,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
         self._metadata = call_metadata(token)
-        self._connection = Connection(target, tls, self.retry)
-        self._publisher = Publisher(self._connection, self._metadata, self.retry)
+        self._connections = ConnectionPool(target, tls, self.retry, streams_per_connection)
+        self._publisher = Publisher(self._connections.first, self._metadata, self.retry)
         self._listeners: tuple[StateListener, ...] = (on_state_change,) if on_state_change else ()
         self._subscribers: set[Subscriber] = set()
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
-        self._connection.channel()
+        self._connections.first.channel()
         return self
 
     async def __aexit__(
@@ -75,7 +78,7 @@ class AsyncClient:
         self._closed = True
         subscribers, self._subscribers = self._subscribers, set()
         await asyncio.gather(*(s.close() for s in subscribers))
-        await self._connection.close()
+        await self._connections.close()
 
     async def publish(
         self,
@@ -163,7 +166,7 @@ class AsyncClient:
         # Forgotten once closed, so a long-lived client that subscribes many times does not
         # keep every old stream alive.
         subscriber = Subscriber(
-            self._connection,
+            self._connections,
             open_request,
             metadata=self._metadata,
             policy=self.retry,

@@ -22,7 +22,7 @@ from pushchannel.client._backoff import Clock, Random
 from pushchannel.client._state import ConnectionState, Reconnector, StateChange, StateListener
 from pushchannel.client._stream import Stream, StreamEnd, StreamFailed, serve_forever
 from pushchannel.client._types import Message, RetryPolicy, is_stale
-from pushchannel.client._wire import Connection, Metadata
+from pushchannel.client._wire import Connection, ConnectionPool, Metadata
 from pushchannel.errors import Cancelled, InternalError, PushChannelError, Unavailable
 
 # A broker that sends nothing for this many heartbeat intervals is taken for gone.
@@ -51,7 +51,7 @@ class Subscriber:
 
     def __init__(
         self,
-        connection: Connection,
+        connections: ConnectionPool,
         open_request: pb.Open,
         *,
         metadata: Metadata,
@@ -62,7 +62,8 @@ class Subscriber:
         random: Random = _random.random,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._connection = connection
+        self._connections = connections
+        self._connection: Connection | None = None  # leased while the subscription runs
         self._open_request = open_request
         self._metadata = metadata
         self._policy = policy
@@ -121,7 +122,13 @@ class Subscriber:
         that cannot be retried (or :class:`~pushchannel.Unavailable` once the retry deadline
         passed) as a PushChannelError."""
         first_open = self._start()
-        return await asyncio.shield(first_open)
+        try:
+            return await asyncio.shield(first_open)
+        except PushChannelError as e:
+            # The future keeps ``e`` for later callers. Raised from here, ``e`` would hold this
+            # frame (and so this subscriber, and the future): a reference cycle. Raise a copy.
+            e.__traceback__ = None
+            raise type(e)(e.message) from e.__cause__
 
     async def next_batch(self) -> list[Message] | None:
         """The next deliveries, at least one; ``None`` once closed. Cancelling a wait for it
@@ -161,19 +168,29 @@ class Subscriber:
     async def _run(self) -> None:
         error: PushChannelError
         try:
+            self._connection = self._connections.lease()
             error = await serve_forever(self._machine, self._policy, self._serve_one)
         except asyncio.CancelledError:
             raise  # close() takes it from here
         except Exception as e:  # a bug: end the subscription visibly rather than spin
             error = InternalError(f"the subscription failed: {e!r}")
             error.__cause__ = e
+        self._release()  # its last stream has ended
         self._machine.closed(error)
         self._settle_first_open(error)
         self._inbox.put_nowait(_End(error))
 
+    def _release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._connections.release(connection)
+
     async def _serve_one(self) -> StreamEnd:
         """Open one stream and serve it until it ends; how it ended."""
-        generation, broker = self._connection.broker()
+        connection = self._connection
+        if connection is None:  # released: the subscription is closing
+            return StreamEnd(Cancelled("the subscription was closed"), False)
+        generation, broker = connection.broker()
         stream = Stream(
             broker.subscribe(None, metadata=self._metadata),
             self._next_open_request(),
@@ -192,7 +209,7 @@ class Subscriber:
         await stream.kill()
         self._stream = None
         if end.dead_connection:
-            self._connection.replace(generation)
+            connection.replace(generation)
         if stream.last_heartbeat_us is not None:
             self._resume_time_us = stream.last_heartbeat_us
         return end
@@ -311,6 +328,7 @@ class Subscriber:
             self._inbox.put_nowait(_End(None))
             self._space.set()
         finally:
+            self._release()
             if self._on_close is not None:
                 self._on_close(self)
 

@@ -39,8 +39,16 @@ class Client:
         tls: grpc.ChannelCredentials | bool | None = None,
         retry: RetryPolicy | None = None,
         on_state_change: StateListener | None = None,
+        streams_per_connection: int = 100,
     ) -> None:
-        self._aio = AsyncClient(target, token=token, tls=tls, retry=retry, on_state_change=on_state_change)
+        self._aio = AsyncClient(
+            target,
+            token=token,
+            tls=tls,
+            retry=retry,
+            on_state_change=on_state_change,
+            streams_per_connection=streams_per_connection,
+        )
         self._thread = LoopThread("pushchannel-client", _CLOSED)
 
     @property

@@ -157,6 +157,73 @@ class Connection:
                 await task
 
 
+class ConnectionPool:
+    """A client's connections. Publishes go over the first; each subscription leases a place on
+    the first connection with fewer than ``per_connection`` streams, and a new connection is
+    made when every one is full.
+
+    A broker takes at most ``max_concurrent_streams`` (1000) calls at once on one connection and
+    holds back the rest without a word, so one connection cannot carry a gateway's thousands of
+    hosts. Streams sharing a connection also cost the broker about half the memory of streams on
+    a connection each (docs/operations.md). A connection other than the first is closed once its
+    last subscription lets go of it.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        tls: grpc.ChannelCredentials | bool | None,
+        policy: RetryPolicy,
+        per_connection: int = 100,
+    ) -> None:
+        if per_connection < 1:
+            raise ValueError("streams_per_connection must be at least 1")
+        self._args = (target, tls, policy)
+        self.per_connection = per_connection
+        self.first = Connection(*self._args)
+        self._streams: dict[Connection, int] = {self.first: 0}  # in the order they were made
+        self._retired: set[asyncio.Task[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        """How many connections the pool holds now."""
+        return len(self._streams)
+
+    def lease(self) -> Connection:
+        """A place for one stream on a connection with room; made if none has."""
+        if self.first.closed:
+            raise RuntimeError("this pushchannel client is closed")
+        for connection, streams in self._streams.items():
+            if streams < self.per_connection:
+                self._streams[connection] = streams + 1
+                return connection
+        connection = Connection(*self._args)
+        self._streams[connection] = 1
+        return connection
+
+    def release(self, connection: Connection) -> None:
+        """A stream's place is free; an emptied connection other than the first is closed."""
+        streams = self._streams.get(connection)
+        if streams is None:
+            return
+        if streams > 1 or connection is self.first:
+            self._streams[connection] = max(0, streams - 1)
+            return
+        del self._streams[connection]
+        task = asyncio.get_running_loop().create_task(connection.close(), name="pushchannel-channel-close")
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def close(self) -> None:
+        """Close every connection (cancelling their calls). Idempotent."""
+        connections, self._streams = list(self._streams), {}
+        for connection in connections:
+            await connection.close()
+        for task in list(self._retired):
+            with contextlib.suppress(Exception):
+                await task
+
+
 def call_metadata(token: str | None) -> Metadata:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
