@@ -152,6 +152,33 @@ def test_fanout_reports_cpu_per_round_and_the_target_quotes_raw_grpc_from_the_sa
     assert "raw gRPC 370.0 ms" in check.value and "297.0 ms per round" in check.value
 
 
+def test_streams_are_judged_in_each_shape_beside_raw_grpc_in_the_same_shape():
+    """Hosts on a connection each and hosts behind one gateway client are judged apart, each
+    quoting the raw gRPC run that shares its streams per connection."""
+
+    def streams(client: str, per_connection: int, ours: float, raw: float | None = None) -> ScenarioResult:
+        figures = {"rss_per_stream_kb": ours, "opened": 10_000.0, "served": 10_000.0}
+        systems = {OURS: SystemRuns(runs=[figures])}
+        if raw is not None:
+            systems[RAW] = SystemRuns(runs=[{**figures, "rss_per_stream_kb": raw}])
+        params = {"streams": 10_000, "client": client, "per_connection": per_connection}
+        return ScenarioResult("streams", "t", params, [], systems, ["rss_per_stream_kb"])
+
+    checks = judge(
+        [
+            streams("raw", 1, 41.0, raw=45.0),
+            streams("sdk", 1, 42.0),
+            streams("raw", 100, 27.0, raw=30.0),
+            streams("sdk", 100, 24.5),
+        ]
+    )
+    own, gateway = checks
+    assert "a connection each" in own.name and own.met is False
+    assert "42.0 KB each" in own.value and "raw gRPC in the same shape 45.0 KB" in own.value
+    assert "gateway client, 100 per connection" in gateway.name and gateway.met is True
+    assert "raw gRPC in the same shape 30.0 KB" in gateway.value
+
+
 def test_fanout_scenario_measures_server_and_load_cpu(capsys):
     (fanout,) = run_json(capsys, "fanout", "--repeat", "1")["scenarios"]
     for system in ("pushchannel", "raw", "minimal"):

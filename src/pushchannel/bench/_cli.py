@@ -24,6 +24,7 @@ from pushchannel.bench._procs import BenchError, machine
 from pushchannel.bench._scenarios import OURS, Options, ScenarioResult
 from pushchannel.bench._servers import loop_factory
 
+GATEWAY_STREAMS = 100  # streams per connection of the gateway runs in "all"
 SCENARIOS = ("throughput", "latency", "fanout", "streams", "seed", "peers")
 
 
@@ -252,11 +253,15 @@ async def _run(
             scenarios.append(_scenarios.fanout(shapes.fanout, store))
         elif name == "streams":
             client = args.client or ("both" if everything else "raw")
-            if client in ("raw", "both"):
-                scenarios.append(_scenarios.streams(dataclasses.replace(shapes.streams, client="raw"), store))
-            if client in ("sdk", "both"):
-                sdk = dataclasses.replace(shapes.streams, client="sdk")
-                scenarios.append(_scenarios.streams(sdk, store))
+            # "all" also runs the hosts behind one gateway: one SDK client, 100 streams per
+            # connection, beside raw stubs sharing connections the same way.
+            shared = [GATEWAY_STREAMS] if everything and args.per_connection is None else []
+            for per_connection in [shapes.streams.per_connection, *shared]:
+                shape = dataclasses.replace(shapes.streams, per_connection=per_connection)
+                if client in ("raw", "both"):
+                    scenarios.append(_scenarios.streams(dataclasses.replace(shape, client="raw"), store))
+                if client in ("sdk", "both"):
+                    scenarios.append(_scenarios.streams(dataclasses.replace(shape, client="sdk"), store))
         elif name == "seed":
             scenarios.append(_scenarios.seed(shapes.seed, store))
         elif name == "peers":

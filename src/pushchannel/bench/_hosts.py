@@ -216,13 +216,19 @@ async def _raw_hosts(
 async def _sdk_hosts(
     target: str, names: Sequence[str], got: Counter, p: StreamsParams, stack: contextlib.AsyncExitStack
 ) -> tuple[list[asyncio.Task[None]], None]:
-    """Hosts as SDK clients (``AsyncClient.subscribe``), which retry failed opens themselves."""
+    """Hosts as SDK clients (``AsyncClient.subscribe``), which retry failed opens themselves:
+    a client each, or, with ``per_connection`` above 1, one client for them all (a gateway's)
+    that puts that many streams on each of its connections."""
     from pushchannel.client import AsyncClient, Subscription
 
-    clients = [AsyncClient(target) for _ in names]
+    if p.per_connection > 1:
+        gateway = AsyncClient(target, streams_per_connection=p.per_connection)
+        clients = [gateway] * len(names)
+    else:
+        clients = [AsyncClient(target) for _ in names]
 
     async def close_clients() -> None:
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in set(clients)), return_exceptions=True)
 
     stack.push_async_callback(close_clients)
     subs = [

@@ -388,7 +388,12 @@ def _streams_notes(systems: dict[str, SystemRuns]) -> list[str]:
 
 
 def streams(p: _load.StreamsParams, store: str) -> Scenario:
-    if p.client == "sdk":
+    if p.client == "sdk" and p.per_connection > 1:
+        who = (
+            f"by one SDK client, a gateway's ({p.per_connection} streams per connection, "
+            "AsyncClient.subscribe, retrying by itself)"
+        )
+    elif p.client == "sdk":
         who = "by SDK clients (AsyncClient.subscribe, retrying by themselves)"
     else:
         who = f"over raw stubs ({p.per_connection} per connection)"
