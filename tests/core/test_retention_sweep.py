@@ -1,12 +1,14 @@
 """The retention sweep: every channel is trimmed within the sweep period, a share at each tick,
 so that a broker with many channels never holds the event loop for the whole sweep at once.
-A real broker core on a real event loop, over the memory store (whose trims never suspend)."""
+A real broker core on a real event loop, over the memory store (whose trims never suspend) and
+the SQLite store (whose trims are answered by its writer thread, so they are sent together)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -15,18 +17,21 @@ from pushchannel.core import broker as broker_module
 from pushchannel.core.broker import Broker
 from pushchannel.core.model import ChannelPolicy, NewMessage
 from pushchannel.core.timeslice import TimeSlice
+from pushchannel.store.base import Store
 from pushchannel.store.memory import MemoryStore
+from pushchannel.store.sqlite import SQLiteStore
 
 CHANNELS = 200
 TICK = 0.05
 PERIOD = 1.0  # 20 ticks a sweep: a share of 10 channels a tick
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_quiet_channels_are_all_trimmed_within_the_period_a_share_per_tick(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
 ) -> None:
     monkeypatch.setattr(broker_module, "_SWEEP_PERIOD", PERIOD)
-    store = MemoryStore()
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(f"sqlite:///{tmp_path}/sweep.db")
     await store.start()
     policy = ChannelPolicy(max_age=60.0)
     # Aged-out messages the broker never touched (as after a restart on a durable store): only
@@ -38,10 +43,17 @@ async def test_quiet_channels_are_all_trimmed_within_the_period_a_share_per_tick
 
     ticks: Counter[int] = Counter()  # trims per retention tick
     trim = store.trim
+    at_once = peak = 0
 
     async def counted_trim(*args: object, **kwargs: object) -> object:
+        nonlocal at_once, peak
         ticks[round((time.monotonic() - started) / TICK)] += 1
-        return await trim(*args, **kwargs)  # type: ignore[arg-type]
+        at_once += 1
+        peak = max(peak, at_once)
+        try:
+            return await trim(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            at_once -= 1
 
     monkeypatch.setattr(store, "trim", counted_trim)
     broker = Broker(store, BrokerConfig(retention_interval=TICK, default_policy=policy))
@@ -63,6 +75,8 @@ async def test_quiet_channels_are_all_trimmed_within_the_period_a_share_per_tick
     assert max(ticks.values()) <= share, f"a tick trimmed {max(ticks.values())} channels: {ticks}"
     assert len(ticks) >= CHANNELS // share  # spread over the period, not done at once
     assert elapsed >= PERIOD * 0.5  # ...which takes most of the period (bounded above by the loop)
+    # A store with I/O gets a tick's trims together (one round trip, one SQLite transaction).
+    assert peak == (1 if store.immediate else share), f"{peak} trims at once"
 
 
 async def _returns_at_once() -> None:
