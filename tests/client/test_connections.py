@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from pushchannel import AsyncClient, Client, Subscription
+from pushchannel import AsyncClient, Client, InvalidArgument, Subscription
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel._proto.pushchannel.v1 import broker_pb2_grpc
 from pushchannel.server.app import RunningServer, ServerConfig, start_server
@@ -112,3 +112,18 @@ def test_the_blocking_client_takes_the_option() -> None:
         assert client._aio._connections.per_connection == 7
     with pytest.raises(ValueError, match="streams_per_connection must be at least 1"):
         AsyncClient("127.0.0.1:1", streams_per_connection=0)
+
+
+async def test_a_subscription_that_failed_for_good_gives_its_place_back(capped: RunningServer) -> None:
+    """A subscription the broker refuses (a bad channel name) ends, and its connection, a
+    second one here, is closed with it."""
+    async with AsyncClient(capped.target, streams_per_connection=1) as client:
+        first = client.subscribe("gw", group="a")
+        await first.open()
+        refused = client.subscribe("no spaces allowed")
+        with pytest.raises(InvalidArgument):
+            await refused.open()
+        assert client._connections.connections == 1
+        again = client.subscribe("gw", group="b")  # the place is free again: a second connection
+        await again.open()
+        assert client._connections.connections == 2
