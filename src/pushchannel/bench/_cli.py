@@ -104,7 +104,11 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("streams")
     g.add_argument("--streams", type=_positive, metavar="N")
     g.add_argument(
-        "--per-connection", type=_positive, metavar="N", help="streams per connection (1, as hosts)"
+        "--per-connection",
+        type=_positive,
+        metavar="N",
+        help="streams per connection (1: a connection each, as hosts; with --client sdk, N > 1 "
+        "opens them all through one client with streams_per_connection=N, as a gateway)",
     )
     g.add_argument(
         "--client",
