@@ -218,16 +218,15 @@ class Broker:
             hub = self._hubs.get(channel)
             if hub is not None:
                 if self.store.immediate:
-                    woken = hub.advance(top)
-                    for d in woken:
+                    for d in hub.advance(top):
                         await d.run_here()
-                    if woken:
-                        # Let the streams it woke write before this publish is answered: the
-                        # answer (grpc.aio's send of the response) would otherwise go first and
-                        # hold every delivery back by its ~100 us.
-                        await asyncio.sleep(0)
                 else:
                     hub.notify(top)
+                if hub.dispatchers:
+                    # Let the streams this woke write (on a store with I/O: the rounds it kicked
+                    # start their reads) before this publish is answered: the answer, grpc.aio's
+                    # send of the response, would go first and hold every delivery back ~100 us.
+                    await asyncio.sleep(0)
         return results
 
     def notify_appended(self, channel: str, last_seq: int) -> None:
