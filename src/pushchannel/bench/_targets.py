@@ -129,7 +129,6 @@ def judge(results: Sequence[ScenarioResult]) -> list[TargetCheck]:
     for st in sdk_runs or streams_runs[:1]:
         checks.append(_streams_check(st, streams_runs))
     fo = _find(results, "fanout")
-    fo = _find(results, "fanout")
     if fo is not None:
         n = fo.params["subscribers"]
         ms = fo.median(OURS, "one_to_all_ms")

@@ -168,8 +168,8 @@ class Subscriber:
     async def _run(self) -> None:
         error: PushChannelError
         try:
-            self._connection = self._connections.lease()
-            error = await serve_forever(self._machine, self._policy, self._serve_one)
+            connection = self._connection = self._connections.lease()
+            error = await serve_forever(self._machine, self._policy, lambda: self._serve_one(connection))
         except asyncio.CancelledError:
             raise  # close() takes it from here
         except Exception as e:  # a bug: end the subscription visibly rather than spin
@@ -185,11 +185,8 @@ class Subscriber:
         if connection is not None:
             self._connections.release(connection)
 
-    async def _serve_one(self) -> StreamEnd:
-        """Open one stream and serve it until it ends; how it ended."""
-        connection = self._connection
-        if connection is None:  # released: the subscription is closing
-            return StreamEnd(Cancelled("the subscription was closed"), False)
+    async def _serve_one(self, connection: Connection) -> StreamEnd:
+        """Open one stream on ``connection`` and serve it until it ends; how it ended."""
         generation, broker = connection.broker()
         stream = Stream(
             broker.subscribe(None, metadata=self._metadata),
