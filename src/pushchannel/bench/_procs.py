@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pushchannel
+from pushchannel._grpc_env import use_fused_filters
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _live: set[subprocess.Popen[bytes]] = set()
@@ -48,10 +49,14 @@ def free_port() -> int:
 
 
 def child_env() -> dict[str, str]:
-    """The environment for Python children: they import this very pushchannel."""
+    """The environment for the servers: they import this very pushchannel, and the baselines
+    run gRPC core with the experiments ``pushchannel serve`` turns on (pushchannel._grpc_env),
+    so that the ceiling is measured on the same gRPC stack as the broker."""
     src = str(Path(pushchannel.__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{path}" if path else src)
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{path}" if path else src)
+    use_fused_filters(env)
+    return env
 
 
 class Process:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, replace
 from typing import Any
 
+from pushchannel._grpc_env import use_fused_filters
 from pushchannel.cli._common import CommandError, positive
 from pushchannel.config import ServerConfig
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(_printable(config))
         return 0
+    use_fused_filters()  # before gRPC is imported: see pushchannel._grpc_env
     try:
         from pushchannel.server.app import serve
     except ImportError as e:

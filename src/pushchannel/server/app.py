@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -155,6 +156,7 @@ async def _serve(config: ServerConfig) -> int:
     tune_collector()  # after start-up: see pushchannel._gc
     store = redact_url(config.store_url)
     fields = {"event": "listening", "listen": running.target, "store": store}
+    fields["grpc_experiments"] = os.environ.get("GRPC_EXPERIMENTS", "")
     if running.metrics is not None and config.metrics_listen is not None:
         fields["metrics"] = f"{config.metrics_listen.rsplit(':', 1)[0]}:{running.metrics.port}"
     log.info("pushchannel listening on %s (store %s)", running.target, store, extra=fields)
