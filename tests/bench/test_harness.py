@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_throughput_json_has_every_system_and_same_run_ratios(capsys):
     assert doc["command"].startswith("pushchannel bench throughput")
     for key in ("cores", "cpu", "python", "grpcio", "loadavg"):
         assert key in doc["machine"]
+    assert doc["machine"]["grpc_experiments"] == os.environ["GRPC_EXPERIMENTS"]
     (scenario,) = doc["scenarios"]
     assert scenario["name"] == "throughput"
     assert scenario["params"]["store"] == "memory"

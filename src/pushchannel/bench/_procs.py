@@ -247,5 +247,6 @@ def machine() -> dict[str, Any]:
         "grpcio": version("grpcio"),
         "protobuf": version("protobuf"),
         "uvloop": version("uvloop"),
+        "grpc_experiments": child_env().get("GRPC_EXPERIMENTS", ""),
         "pushchannel": pushchannel.__version__,
     }

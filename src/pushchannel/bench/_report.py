@@ -184,6 +184,7 @@ def markdown(report: Report, plot: Path | None, markdown_path: Path) -> str:
         f"| Python | {m.get('python')} |",
         f"| grpcio / protobuf | {m.get('grpcio')} / {m.get('protobuf')} |",
         f"| event loop | {'uvloop ' + str(m.get('uvloop')) if m.get('uvloop') else 'asyncio'} |",
+        f"| gRPC core experiments (every server) | {m.get('grpc_experiments') or 'none'} |",
         f"| load average at start | {m.get('loadavg')} |",
         "",
         "Processes: one server process (the broker, a baseline or a peer) and one load process "
@@ -198,7 +199,10 @@ def markdown(report: Report, plot: Path | None, markdown_path: Path) -> str:
         "",
         "Every process, the load's and each server's, runs with the broker's garbage-collector "
         "settings (`pushchannel._gc`, see docs/operations.md): the baselines differ from the broker "
-        "in their servicers only. Each run starts on a quiet machine: the load process collects "
+        "in their servicers only. Every server process, the baselines too, also runs with the gRPC "
+        "core experiments `pushchannel serve` turns on (`pushchannel._grpc_env`, see "
+        "docs/operations.md), so the ceiling is measured on the broker's gRPC stack. "
+        "Each run starts on a quiet machine: the load process collects "
         "its garbage, then waits (up to 3 s) for a 0.2 s window in which the machine used under "
         "a tenth of a core, so that no run pays for what the run before left behind.",
         "",
