@@ -18,10 +18,11 @@ async def test_an_idle_channel_lets_go_of_its_dedupe_window() -> None:
     batch = [NewMessage(payload=b"x", id=f"id-{i}") for i in range(1000)]
     await store.append("c", batch, T0, policy)
     ch = store._channels["c"]
-    assert ch.dedupe_order is not None and len(ch.dedupe) == 1000
+    assert ch.dedupe_ids is not None and ch.dedupe_times is not None and len(ch.dedupe) == 1000
+    assert len(ch.dedupe_ids) == len(ch.dedupe_times) == 1000
     # the window passes; the next append (here without an id) prunes every entry
     assert await store.append("c", [NewMessage(payload=b"y")], T0 + 11, policy) == [AppendResult(1001, False)]
-    assert ch.dedupe_order is None and ch.dedupe == {}
+    assert ch.dedupe_ids is None and ch.dedupe_times is None and ch.dedupe == {}
     # ...and a retry of an old id after the window is a new message, a fresh one still dedupes
     assert await store.append("c", [NewMessage(payload=b"x", id="id-3")], T0 + 12, policy) == [
         AppendResult(1002, False)
@@ -36,7 +37,33 @@ async def test_a_channel_that_never_saw_an_id_keeps_no_dedupe_queue() -> None:
     store = MemoryStore()
     await store.start()
     await store.append("c", [NewMessage(payload=b"x")], T0, ChannelPolicy())
-    assert store._channels["c"].dedupe_order is None
+    assert store._channels["c"].dedupe_ids is None and store._channels["c"].dedupe_times is None
+    await store.close()
+
+
+async def test_ids_leave_the_window_oldest_first_each_at_its_own_time() -> None:
+    store = MemoryStore()
+    await store.start()
+    policy = ChannelPolicy(dedupe_window=10.0)
+    for i, at in enumerate((0, 0, 4, 8)):  # a, b together; then c; then d
+        await store.append("c", [NewMessage(payload=b"x", id="abcd"[i])], T0 + at, policy)
+    ch = store._channels["c"]
+
+    async def dupes(at: float) -> list[bool]:
+        answers = await store.append("c", [NewMessage(payload=b"x", id=k) for k in "abcd"], T0 + at, policy)
+        return [r.duplicate for r in answers]
+
+    assert await dupes(9) == [True, True, True, True]
+    assert ch.dedupe == {"a": 1, "b": 2, "c": 3, "d": 4}
+    # at 10 the window has passed a and b (published again: a new seq each, remembered anew)
+    assert await dupes(10) == [False, False, True, True]
+    assert ch.dedupe == {"c": 3, "d": 4, "a": 5, "b": 6}
+    assert list(ch.dedupe_ids or ()) == ["c", "d", "a", "b"]
+    assert list(ch.dedupe_times or ()) == [T0 + 4, T0 + 8, T0 + 10, T0 + 10]
+    assert await dupes(14) == [True, True, False, True]  # c (seen at 4) has gone: 7
+    assert await store.append("c", [NewMessage(payload=b"x", id="c")], T0 + 15, policy) == [
+        AppendResult(7, True)
+    ]
     await store.close()
 
 
