@@ -14,7 +14,7 @@ from pushchannel._proto import push_pb2
 from pushchannel._proto.pushchannel.v1 import broker_pb2 as pb
 from pushchannel.server.app import MAX_MESSAGE_BYTES
 
-from .helpers import STEP, Subscriber, msg, publish, rpc_error, seed_stub, stub
+from .helpers import STEP, Subscriber, consumer_count, eventually, msg, publish, rpc_error, seed_stub, stub
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,7 +38,11 @@ async def test_gzip_on_the_seed_service(broker_target: str) -> None:
     async with grpc.aio.insecure_channel(broker_target, compression=GZIP) as channel:
         seed = seed_stub(channel)
         stream = seed.PushMessageStream(push_pb2.ConnRequest(channel="gz.seed"))
-        await asyncio.sleep(0.2)  # the seed protocol has no Opened: let the stream open
+
+        async def opened() -> bool:  # the seed protocol has no Opened: ask the broker
+            return await consumer_count(stub(channel), "gz.seed") == 1
+
+        await eventually(opened)
         reply = await seed.SubmitMessage(
             push_pb2.SubmitRequest(channel="gz.seed", message=text), timeout=STEP
         )
