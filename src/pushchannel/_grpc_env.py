@@ -7,7 +7,7 @@ so that they run the broker's gRPC stack) call :func:`use_fused_filters` first t
 ``fuse_filters`` merges the server's per-call filters (message size, HTTP, compression,
 auth, ...) into one, and so shrinks every call's arena: 2.5 KB less RSS per idle host stream
 on grpcio 1.85 (``pushchannel bench streams --client sdk --per-connection 100``: 25.8-26.4 ->
-23.6-24.0 KB), with the same filters and limits in force. It is an experiment of gRPC's, so it
+23.2-24.0 KB), with the same filters and limits in force. It is an experiment of gRPC's, so it
 is turned on only on the grpcio versions it was measured on, and never over the operator's
 own ``GRPC_EXPERIMENTS`` (set it, even empty, to choose otherwise). See docs/operations.md.
 """
