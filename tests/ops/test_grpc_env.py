@@ -16,7 +16,7 @@ import pytest
 
 from pushchannel._grpc_env import EXPERIMENT, MEASURED_ON, grpcio_minor, use_fused_filters
 from tests import FUSED_FILTERS, STARTED_WITH_EXPERIMENTS
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, stop_process, wait_for_port
 from tests.ops._util import ROOT
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,12 +89,7 @@ def _listening_record(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
             time.sleep(0.05)
         pytest.fail(f"no listening record in {log_path.read_text()!r}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_serve_turns_it_on_and_says_so(tmp_path: Path) -> None:

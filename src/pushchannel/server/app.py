@@ -155,8 +155,8 @@ async def _serve(config: ServerConfig) -> int:
     running = await start_server(config)
     tune_collector()  # after start-up: see pushchannel._gc
     store = redact_url(config.store_url)
-    fields = {"event": "listening", "listen": running.target, "store": store}
-    fields["grpc_experiments"] = os.environ.get("GRPC_EXPERIMENTS", "")
+    experiments = os.environ.get("GRPC_EXPERIMENTS", "")
+    fields = {"event": "listening", "listen": running.target, "store": store, "grpc_experiments": experiments}
     if running.metrics is not None and config.metrics_listen is not None:
         fields["metrics"] = f"{config.metrics_listen.rsplit(':', 1)[0]}:{running.metrics.port}"
     log.info("pushchannel listening on %s (store %s)", running.target, store, extra=fields)
